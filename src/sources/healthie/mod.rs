@@ -1,0 +1,2 @@
+//! Healthie: GraphQL client, wire types, conversion into source records, webhook envelope and
+//! signature.

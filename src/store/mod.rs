@@ -1,0 +1,448 @@
+//! Storage: every SQL statement lives here. One trait ([`Store`], with [`StoreTx`] for write
+//! transactions) and two implementations, SQLite (embedded default) and Postgres (scale-out),
+//! generated from one body of SQL so the backends cannot drift apart.
+
+mod postgres;
+mod sql;
+mod sqlite;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::Serialize;
+
+use crate::model::{InboxId, PatientId, SourceKey, SourceKind, SourceRecord};
+
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+/// Which database a store talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Storage failures. Messages never carry row values (they could be PHI): a database error
+/// shows its SQLSTATE code and constraint name only.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error{}", describe_db_error(.0))]
+    Database(#[source] sqlx::Error),
+    #[error("migration failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored {what} is not valid")]
+    Corrupt {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("unsupported database url scheme (expected sqlite: or postgres:)")]
+    UnsupportedUrl,
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::Database(e)
+    }
+}
+
+impl StoreError {
+    /// Connection-level failures (server restarting, pool timeout) are worth retrying.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Database(
+                sqlx::Error::Io(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::WorkerCrashed
+                    | sqlx::Error::Protocol(_)
+            )
+        ) || matches!(self, StoreError::Database(sqlx::Error::Database(db)) if db.code().is_some_and(|c| c.starts_with("08") || c == "57P01" || c == "40001" || c == "40P01" || c == "5" || c == "517"))
+    }
+
+    pub(crate) fn corrupt(
+        what: &'static str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        StoreError::Corrupt {
+            what,
+            source: Box::new(source),
+        }
+    }
+}
+
+fn describe_db_error(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+            match db.constraint() {
+                Some(constraint) => format!(" (code {code}, constraint {constraint})"),
+                None => format!(" (code {code})"),
+            }
+        }
+        sqlx::Error::RowNotFound => ": row not found".into(),
+        sqlx::Error::PoolTimedOut => ": connection pool timed out".into(),
+        sqlx::Error::PoolClosed => ": connection pool closed".into(),
+        sqlx::Error::Io(_) => ": i/o error".into(),
+        sqlx::Error::Tls(_) => ": tls error".into(),
+        sqlx::Error::Protocol(_) => ": protocol error".into(),
+        sqlx::Error::ColumnNotFound(c) => format!(": column {c} not found"),
+        sqlx::Error::ColumnDecode { index, .. } => format!(": cannot decode column {index}"),
+        sqlx::Error::Configuration(_) => ": bad connection settings".into(),
+        _ => String::new(),
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// How an inbox item entered the system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    Webhook,
+    Poll,
+    Resync,
+    Import,
+    Manual,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Webhook => "webhook",
+            Origin::Poll => "poll",
+            Origin::Resync => "resync",
+            Origin::Import => "import",
+            Origin::Manual => "manual",
+        }
+    }
+}
+
+/// Inbox item states; an item ends `done`, `ignored` (with a reason) or `dead` (with an error kind).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InboxState {
+    Pending,
+    Leased,
+    Done,
+    Ignored,
+    Dead,
+}
+
+impl InboxState {
+    pub const ALL: [InboxState; 5] = [
+        InboxState::Pending,
+        InboxState::Leased,
+        InboxState::Done,
+        InboxState::Ignored,
+        InboxState::Dead,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InboxState::Pending => "pending",
+            InboxState::Leased => "leased",
+            InboxState::Done => "done",
+            InboxState::Ignored => "ignored",
+            InboxState::Dead => "dead",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        InboxState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+/// An item to put in the inbox. `ignore_reason` stores it as `ignored` straight away
+/// (test events, unknown event types), so every acknowledged delivery is on record.
+#[derive(Debug, Clone)]
+pub struct NewInboxItem {
+    pub source: SourceKind,
+    pub origin: Origin,
+    pub event_type: String,
+    pub resource_type: Option<String>,
+    pub resource_id: Option<String>,
+    pub body: String,
+    pub dedupe_key: Option<String>,
+    pub received_at_ms: i64,
+    pub ignore_reason: Option<String>,
+}
+
+/// Result of putting an item in the inbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InsertOutcome {
+    Inserted(InboxId),
+    /// An item with the same `(source, dedupe_key)` is already there.
+    Duplicate,
+}
+
+/// An inbox item as the worker sees it after claiming it.
+#[derive(Debug, Clone)]
+pub struct InboxItem {
+    pub id: InboxId,
+    pub source: SourceKind,
+    pub origin: String,
+    pub event_type: String,
+    pub resource_type: Option<String>,
+    pub resource_id: Option<String>,
+    pub body: String,
+    pub state: InboxState,
+    pub reason: Option<String>,
+    pub attempts: i64,
+    pub received_at_ms: i64,
+    pub available_at_ms: i64,
+    pub last_error_kind: Option<String>,
+    pub last_http_status: Option<i64>,
+    pub finished_at_ms: Option<i64>,
+}
+
+/// How an item that the worker could not finish goes back to the inbox.
+#[derive(Debug, Clone)]
+pub struct RetryAt {
+    pub available_at_ms: i64,
+    pub error_kind: String,
+    pub http_status: Option<u16>,
+    /// False for rate-limit snoozes, which do not use up an attempt.
+    pub count_attempt: bool,
+}
+
+/// Inbox counts for one source and state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InboxCount {
+    pub source: SourceKind,
+    pub state: InboxState,
+    pub count: i64,
+}
+
+/// Result of saving a source record snapshot under the monotonic rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SaveOutcome {
+    Created,
+    Updated,
+    /// Same content as stored (only the fetch time may have moved).
+    Unchanged,
+    /// Older than the stored snapshot: not written.
+    Stale,
+}
+
+/// How a link was decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkMethod {
+    /// First record of a new canonical patient.
+    New,
+    ExplicitId,
+    Rule,
+    Score,
+    Manual,
+    /// Followed an upstream merge (Healthie `patient.merged`, Hint `merged_into`).
+    SourceMerge,
+}
+
+impl LinkMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkMethod::New => "new",
+            LinkMethod::ExplicitId => "explicit_id",
+            LinkMethod::Rule => "rule",
+            LinkMethod::Score => "score",
+            LinkMethod::Manual => "manual",
+            LinkMethod::SourceMerge => "source_merge",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            LinkMethod::New,
+            LinkMethod::ExplicitId,
+            LinkMethod::Rule,
+            LinkMethod::Score,
+            LinkMethod::Manual,
+            LinkMethod::SourceMerge,
+        ]
+        .into_iter()
+        .find(|m| m.as_str() == s)
+    }
+}
+
+/// A source record's link to its canonical patient.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Link {
+    pub key: SourceKey,
+    pub patient_id: PatientId,
+    pub method: LinkMethod,
+    pub rule: Option<String>,
+    pub score: Option<f64>,
+    /// `auto` or `admin`; admin decisions are never undone by automatic matching.
+    pub decided_by: String,
+    pub decided_at: DateTime<Utc>,
+}
+
+impl Link {
+    pub fn is_manual(&self) -> bool {
+        self.decided_by == "admin"
+    }
+}
+
+/// One append-only entry of the link history.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LinkEvent {
+    pub key: SourceKey,
+    /// `link`, `relink` or `unlink`.
+    pub action: String,
+    pub patient_id: Option<PatientId>,
+    pub previous_patient_id: Option<PatientId>,
+    pub method: LinkMethod,
+    pub rule: Option<String>,
+    pub score: Option<f64>,
+    pub decided_by: String,
+    pub at: DateTime<Utc>,
+}
+
+/// A row of the analysts' `patients` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+pub struct PatientRow {
+    pub patient_id: PatientId,
+    pub given_name: Option<String>,
+    pub middle_name: Option<String>,
+    pub family_name: Option<String>,
+    pub preferred_name: Option<String>,
+    pub birth_date: Option<NaiveDate>,
+    pub sex: Option<String>,
+    pub gender_identity: Option<String>,
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    pub address_line1: Option<String>,
+    pub address_line2: Option<String>,
+    pub city: Option<String>,
+    pub state: Option<String>,
+    pub postal_code: Option<String>,
+    pub country: Option<String>,
+    pub healthie_id: Option<String>,
+    pub intakeq_id: Option<String>,
+    pub hint_id: Option<String>,
+    /// `active`, `archived`, `deleted` or `merged`.
+    pub status: String,
+    pub merged_into: Option<PatientId>,
+    pub first_seen_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub version: i64,
+}
+
+/// Which source record supplied one canonical field.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FieldSource {
+    pub field: String,
+    pub key: SourceKey,
+    pub source_updated_at: Option<DateTime<Utc>>,
+}
+
+/// Per source and stream sync progress (poll cursors, resync checkpoints).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SyncState {
+    pub source: SourceKind,
+    pub stream: String,
+    pub cursor: Option<String>,
+    pub checkpoint: Option<String>,
+    pub last_success_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Read and queue operations, each its own short transaction.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    fn backend(&self) -> Backend;
+    /// Applies pending migrations.
+    async fn migrate(&self) -> StoreResult<()>;
+    /// Opens a write transaction (SQLite: `BEGIN IMMEDIATE`).
+    async fn begin(&self) -> StoreResult<Box<dyn StoreTx>>;
+
+    /// Stores one inbox item in its own transaction.
+    async fn insert_inbox(&self, item: &NewInboxItem) -> StoreResult<InsertOutcome>;
+    /// Leases up to `limit` claimable items (pending and due, or leased with an expired lease)
+    /// to `owner` until `now_ms + lease`, counting an attempt for each.
+    async fn claim_inbox(
+        &self,
+        owner: &str,
+        limit: u32,
+        lease: Duration,
+        now_ms: i64,
+    ) -> StoreResult<Vec<InboxItem>>;
+    /// Puts a leased item back for a later attempt. False when `owner` no longer holds the lease.
+    async fn retry_inbox(&self, id: InboxId, owner: &str, retry: &RetryAt) -> StoreResult<bool>;
+    /// Dead-letters a leased item with its error kind. False when `owner` no longer holds the lease.
+    async fn dead_inbox(
+        &self,
+        id: InboxId,
+        owner: &str,
+        error_kind: &str,
+        http_status: Option<u16>,
+        now_ms: i64,
+    ) -> StoreResult<bool>;
+    /// Returns every item leased by `owner` to `pending` without counting the attempt.
+    async fn release_leases(&self, owner: &str) -> StoreResult<u64>;
+    async fn load_inbox_item(&self, id: InboxId) -> StoreResult<Option<InboxItem>>;
+    async fn inbox_counts(&self) -> StoreResult<Vec<InboxCount>>;
+    /// Receive time of the oldest pending item, if any.
+    async fn oldest_pending_ms(&self) -> StoreResult<Option<i64>>;
+
+    async fn load_source_record(&self, key: &SourceKey) -> StoreResult<Option<SourceRecord>>;
+    async fn load_patient(&self, id: &PatientId) -> StoreResult<Option<PatientRow>>;
+    async fn load_field_sources(&self, id: &PatientId) -> StoreResult<Vec<FieldSource>>;
+    async fn load_link(&self, key: &SourceKey) -> StoreResult<Option<Link>>;
+    async fn load_link_events(&self, key: &SourceKey) -> StoreResult<Vec<LinkEvent>>;
+    /// Patient counts by status.
+    async fn count_patients(&self) -> StoreResult<Vec<(String, i64)>>;
+    async fn load_sync_state(&self, source: SourceKind, stream: &str) -> StoreResult<Option<SyncState>>;
+    async fn save_sync_state(&self, state: &SyncState) -> StoreResult<()>;
+}
+
+/// Writes that must commit together: a source record, its link and the canonical row it
+/// changes, and the inbox items that asked for them. Dropped without `commit`, it rolls back.
+#[async_trait]
+pub trait StoreTx: Send {
+    async fn load_source_record(&mut self, key: &SourceKey) -> StoreResult<Option<SourceRecord>>;
+    /// Saves a snapshot unless the stored one is newer (source `updated_at`, then fetch time).
+    async fn save_source_record(&mut self, record: &SourceRecord) -> StoreResult<SaveOutcome>;
+    async fn load_link(&mut self, key: &SourceKey) -> StoreResult<Option<Link>>;
+    /// Writes (or replaces) a link and appends its event to `link_events`.
+    async fn save_link(&mut self, link: &Link, event: &LinkEvent) -> StoreResult<()>;
+    /// Removes a link and appends its event to `link_events`.
+    async fn delete_link(&mut self, key: &SourceKey, event: &LinkEvent) -> StoreResult<()>;
+    /// Every source record linked to a patient.
+    async fn load_linked_records(&mut self, patient_id: &PatientId) -> StoreResult<Vec<SourceRecord>>;
+    async fn load_patient(&mut self, id: &PatientId) -> StoreResult<Option<PatientRow>>;
+    /// Upserts a canonical row and replaces its field provenance.
+    async fn save_patient(&mut self, row: &PatientRow, provenance: &[FieldSource]) -> StoreResult<()>;
+    /// Marks leased items finished: `done`, or `ignored` when a reason is given. Returns how
+    /// many were still leased by `owner`; fewer than asked means a lease was lost.
+    async fn finish_inbox(
+        &mut self,
+        ids: &[InboxId],
+        owner: &str,
+        ignore_reason: Option<&str>,
+        now_ms: i64,
+    ) -> StoreResult<u64>;
+    async fn commit(self: Box<Self>) -> StoreResult<()>;
+}
+
+/// Opens the store a `database.url` names (`sqlite:` or `postgres:`/`postgresql:`).
+pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Arc<dyn Store>> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::connect(url, max_connections).await?))
+    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        Ok(Arc::new(PgStore::connect(url, max_connections).await?))
+    } else {
+        Err(StoreError::UnsupportedUrl)
+    }
+}
+
+/// Milliseconds since the Unix epoch, the unit of every queue time.
+pub fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}

@@ -1,0 +1,679 @@
+//! The SQL shared by both backends, as one macro body expanded once per database. Statements use
+//! `$N` placeholders, which SQLite and Postgres both accept; the few dialect differences (the
+//! claim's row locking, the transaction start) are passed in by the backend module.
+
+macro_rules! impl_store {
+    (
+        store = $Store:ident,
+        tx = $Tx:ident,
+        db = $Db:ty,
+        backend = $backend:expr,
+        claim_lock = $claim_lock:expr,
+        begin = $begin:expr $(,)?
+    ) => {
+        use std::time::Duration;
+
+        use async_trait::async_trait;
+        use chrono::{DateTime, Utc};
+        use sqlx::Row;
+
+        use crate::model::{
+            InboxId, PatientId, PersonFields, RecordStatus, SourceId, SourceKey, SourceKind,
+            SourceRecord,
+        };
+        use crate::store::{
+            Backend, FieldSource, InboxCount, InboxItem, InboxState, InsertOutcome, Link,
+            LinkEvent, LinkMethod, NewInboxItem, PatientRow, RetryAt, SaveOutcome, Store,
+            StoreError, StoreResult, StoreTx, SyncState,
+        };
+
+        type DbRow = <$Db as sqlx::Database>::Row;
+
+        const INBOX_COLUMNS: &str = "id, source, origin, event_type, resource_type, resource_id, body, state, reason, \
+             attempts, received_at_ms, available_at_ms, last_error_kind, last_http_status, finished_at_ms";
+        const RECORD_COLUMNS: &str =
+            "source, source_id, status, merged_into, fields, raw, source_updated_at, fetched_at";
+        const PATIENT_COLUMNS: &str = "patient_id, given_name, middle_name, family_name, preferred_name, birth_date, \
+             sex, gender_identity, email, phone, address_line1, address_line2, city, state, postal_code, country, \
+             healthie_id, intakeq_id, hint_id, status, merged_into, first_seen_at, updated_at, version";
+        const LINK_COLUMNS: &str =
+            "source, source_id, patient_id, method, rule, score, decided_by, decided_at";
+
+        fn parse_source(s: &str) -> StoreResult<SourceKind> {
+            s.parse().map_err(|e| StoreError::corrupt("source", e))
+        }
+
+        fn inbox_from_row(row: &DbRow) -> StoreResult<InboxItem> {
+            let state: String = row.try_get("state")?;
+            Ok(InboxItem {
+                id: InboxId(row.try_get("id")?),
+                source: parse_source(row.try_get::<&str, _>("source")?)?,
+                origin: row.try_get("origin")?,
+                event_type: row.try_get("event_type")?,
+                resource_type: row.try_get("resource_type")?,
+                resource_id: row.try_get("resource_id")?,
+                body: row.try_get("body")?,
+                state: InboxState::parse(&state).ok_or_else(|| {
+                    StoreError::corrupt("inbox state", crate::store::sql::BadValue("state"))
+                })?,
+                reason: row.try_get("reason")?,
+                attempts: row.try_get("attempts")?,
+                received_at_ms: row.try_get("received_at_ms")?,
+                available_at_ms: row.try_get("available_at_ms")?,
+                last_error_kind: row.try_get("last_error_kind")?,
+                last_http_status: row.try_get("last_http_status")?,
+                finished_at_ms: row.try_get("finished_at_ms")?,
+            })
+        }
+
+        fn record_from_row(row: &DbRow) -> StoreResult<SourceRecord> {
+            let fields: String = row.try_get("fields")?;
+            let raw: String = row.try_get("raw")?;
+            let status: String = row.try_get("status")?;
+            Ok(SourceRecord {
+                key: SourceKey::new(
+                    parse_source(row.try_get::<&str, _>("source")?)?,
+                    row.try_get::<String, _>("source_id")?,
+                ),
+                fields: serde_json::from_str::<PersonFields>(&fields)
+                    .map_err(|e| StoreError::corrupt("source record fields", e))?,
+                status: status.parse::<RecordStatus>().map_err(|_| {
+                    StoreError::corrupt("record status", crate::store::sql::BadValue("status"))
+                })?,
+                merged_into: row.try_get::<Option<String>, _>("merged_into")?.map(SourceId),
+                source_updated_at: row.try_get("source_updated_at")?,
+                fetched_at: row.try_get("fetched_at")?,
+                raw: serde_json::from_str(&raw)
+                    .map_err(|e| StoreError::corrupt("source record payload", e))?,
+            })
+        }
+
+        fn patient_from_row(row: &DbRow) -> StoreResult<PatientRow> {
+            Ok(PatientRow {
+                patient_id: PatientId(row.try_get("patient_id")?),
+                given_name: row.try_get("given_name")?,
+                middle_name: row.try_get("middle_name")?,
+                family_name: row.try_get("family_name")?,
+                preferred_name: row.try_get("preferred_name")?,
+                birth_date: row.try_get("birth_date")?,
+                sex: row.try_get("sex")?,
+                gender_identity: row.try_get("gender_identity")?,
+                email: row.try_get("email")?,
+                phone: row.try_get("phone")?,
+                address_line1: row.try_get("address_line1")?,
+                address_line2: row.try_get("address_line2")?,
+                city: row.try_get("city")?,
+                state: row.try_get("state")?,
+                postal_code: row.try_get("postal_code")?,
+                country: row.try_get("country")?,
+                healthie_id: row.try_get("healthie_id")?,
+                intakeq_id: row.try_get("intakeq_id")?,
+                hint_id: row.try_get("hint_id")?,
+                status: row.try_get("status")?,
+                merged_into: row.try_get::<Option<String>, _>("merged_into")?.map(PatientId),
+                first_seen_at: row.try_get("first_seen_at")?,
+                updated_at: row.try_get("updated_at")?,
+                version: row.try_get("version")?,
+            })
+        }
+
+        fn link_from_row(row: &DbRow) -> StoreResult<Link> {
+            let method: String = row.try_get("method")?;
+            Ok(Link {
+                key: SourceKey::new(
+                    parse_source(row.try_get::<&str, _>("source")?)?,
+                    row.try_get::<String, _>("source_id")?,
+                ),
+                patient_id: PatientId(row.try_get("patient_id")?),
+                method: LinkMethod::parse(&method).ok_or_else(|| {
+                    StoreError::corrupt("link method", crate::store::sql::BadValue("method"))
+                })?,
+                rule: row.try_get("rule")?,
+                score: row.try_get("score")?,
+                decided_by: row.try_get("decided_by")?,
+                decided_at: row.try_get("decided_at")?,
+            })
+        }
+
+        fn link_event_from_row(row: &DbRow) -> StoreResult<LinkEvent> {
+            let method: String = row.try_get("method")?;
+            Ok(LinkEvent {
+                key: SourceKey::new(
+                    parse_source(row.try_get::<&str, _>("source")?)?,
+                    row.try_get::<String, _>("source_id")?,
+                ),
+                action: row.try_get("action")?,
+                patient_id: row.try_get::<Option<String>, _>("patient_id")?.map(PatientId),
+                previous_patient_id: row
+                    .try_get::<Option<String>, _>("previous_patient_id")?
+                    .map(PatientId),
+                method: LinkMethod::parse(&method).ok_or_else(|| {
+                    StoreError::corrupt("link method", crate::store::sql::BadValue("method"))
+                })?,
+                rule: row.try_get("rule")?,
+                score: row.try_get("score")?,
+                decided_by: row.try_get("decided_by")?,
+                at: row.try_get("at")?,
+            })
+        }
+
+        fn sync_state_from_row(row: &DbRow) -> StoreResult<SyncState> {
+            Ok(SyncState {
+                source: parse_source(row.try_get::<&str, _>("source")?)?,
+                stream: row.try_get("stream")?,
+                cursor: row.try_get("cursor")?,
+                checkpoint: row.try_get("checkpoint")?,
+                last_success_at: row.try_get("last_success_at")?,
+                updated_at: row.try_get("updated_at")?,
+            })
+        }
+
+        async fn load_source_record_in<'e, E>(ex: E, key: &SourceKey) -> StoreResult<Option<SourceRecord>>
+        where
+            E: sqlx::Executor<'e, Database = $Db>,
+        {
+            let sql = format!("SELECT {RECORD_COLUMNS} FROM source_records WHERE source = $1 AND source_id = $2");
+            let row = sqlx::query(&sql)
+                .bind(key.source.as_str())
+                .bind(key.id.as_str())
+                .fetch_optional(ex)
+                .await?;
+            row.as_ref().map(record_from_row).transpose()
+        }
+
+        async fn load_patient_in<'e, E>(ex: E, id: &PatientId) -> StoreResult<Option<PatientRow>>
+        where
+            E: sqlx::Executor<'e, Database = $Db>,
+        {
+            let sql = format!("SELECT {PATIENT_COLUMNS} FROM patients WHERE patient_id = $1");
+            let row = sqlx::query(&sql).bind(id.as_str()).fetch_optional(ex).await?;
+            row.as_ref().map(patient_from_row).transpose()
+        }
+
+        async fn load_link_in<'e, E>(ex: E, key: &SourceKey) -> StoreResult<Option<Link>>
+        where
+            E: sqlx::Executor<'e, Database = $Db>,
+        {
+            let sql = format!("SELECT {LINK_COLUMNS} FROM links WHERE source = $1 AND source_id = $2");
+            let row = sqlx::query(&sql)
+                .bind(key.source.as_str())
+                .bind(key.id.as_str())
+                .fetch_optional(ex)
+                .await?;
+            row.as_ref().map(link_from_row).transpose()
+        }
+
+        async fn insert_link_event_in<'e, E>(ex: E, event: &LinkEvent) -> StoreResult<()>
+        where
+            E: sqlx::Executor<'e, Database = $Db>,
+        {
+            sqlx::query(
+                "INSERT INTO link_events (source, source_id, action, patient_id, previous_patient_id, method, rule, score, decided_by, at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            )
+            .bind(event.key.source.as_str())
+            .bind(event.key.id.as_str())
+            .bind(&event.action)
+            .bind(event.patient_id.as_ref().map(|p| p.as_str()))
+            .bind(event.previous_patient_id.as_ref().map(|p| p.as_str()))
+            .bind(event.method.as_str())
+            .bind(event.rule.as_deref())
+            .bind(event.score)
+            .bind(&event.decided_by)
+            .bind(event.at)
+            .execute(ex)
+            .await?;
+            Ok(())
+        }
+
+        #[async_trait]
+        impl Store for $Store {
+            fn backend(&self) -> Backend {
+                $backend
+            }
+
+            async fn migrate(&self) -> StoreResult<()> {
+                self.migrator().run(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn begin(&self) -> StoreResult<Box<dyn StoreTx>> {
+                let tx = $begin(&self.pool).await?;
+                Ok(Box::new($Tx { tx }))
+            }
+
+            async fn insert_inbox(&self, item: &NewInboxItem) -> StoreResult<InsertOutcome> {
+                let (state, finished) = match item.ignore_reason {
+                    Some(_) => (InboxState::Ignored, Some(item.received_at_ms)),
+                    None => (InboxState::Pending, None),
+                };
+                let row = sqlx::query(
+                    "INSERT INTO inbox (source, origin, event_type, resource_type, resource_id, body, dedupe_key, \
+                     received_at_ms, state, reason, attempts, available_at_ms, finished_at_ms) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0, $8, $11) \
+                     ON CONFLICT (source, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING \
+                     RETURNING id",
+                )
+                .bind(item.source.as_str())
+                .bind(item.origin.as_str())
+                .bind(&item.event_type)
+                .bind(item.resource_type.as_deref())
+                .bind(item.resource_id.as_deref())
+                .bind(&item.body)
+                .bind(item.dedupe_key.as_deref())
+                .bind(item.received_at_ms)
+                .bind(state.as_str())
+                .bind(item.ignore_reason.as_deref())
+                .bind(finished)
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(match row {
+                    Some(row) => InsertOutcome::Inserted(InboxId(row.try_get("id")?)),
+                    None => InsertOutcome::Duplicate,
+                })
+            }
+
+            async fn claim_inbox(
+                &self,
+                owner: &str,
+                limit: u32,
+                lease: Duration,
+                now_ms: i64,
+            ) -> StoreResult<Vec<InboxItem>> {
+                let sql = format!(
+                    "UPDATE inbox SET state = 'leased', lease_owner = $1, leased_until_ms = $2, attempts = attempts + 1 \
+                     WHERE id IN (SELECT id FROM inbox \
+                        WHERE (state = 'pending' AND available_at_ms <= $3) OR (state = 'leased' AND leased_until_ms < $3) \
+                        ORDER BY available_at_ms, id LIMIT $4{}) \
+                     RETURNING {INBOX_COLUMNS}",
+                    $claim_lock
+                );
+                let rows = sqlx::query(&sql)
+                    .bind(owner)
+                    .bind(now_ms + lease.as_millis() as i64)
+                    .bind(now_ms)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?;
+                let mut items = rows.iter().map(inbox_from_row).collect::<StoreResult<Vec<_>>>()?;
+                items.sort_by_key(|i| (i.available_at_ms, i.id));
+                Ok(items)
+            }
+
+            async fn retry_inbox(&self, id: InboxId, owner: &str, retry: &RetryAt) -> StoreResult<bool> {
+                let result = sqlx::query(
+                    "UPDATE inbox SET state = 'pending', lease_owner = NULL, leased_until_ms = NULL, \
+                     available_at_ms = $3, last_error_kind = $4, last_http_status = $5, \
+                     attempts = CASE WHEN $6 THEN attempts ELSE attempts - 1 END \
+                     WHERE id = $1 AND lease_owner = $2 AND state = 'leased'",
+                )
+                .bind(id.0)
+                .bind(owner)
+                .bind(retry.available_at_ms)
+                .bind(&retry.error_kind)
+                .bind(retry.http_status.map(i64::from))
+                .bind(retry.count_attempt)
+                .execute(&self.pool)
+                .await?;
+                Ok(result.rows_affected() == 1)
+            }
+
+            async fn dead_inbox(
+                &self,
+                id: InboxId,
+                owner: &str,
+                error_kind: &str,
+                http_status: Option<u16>,
+                now_ms: i64,
+            ) -> StoreResult<bool> {
+                let result = sqlx::query(
+                    "UPDATE inbox SET state = 'dead', lease_owner = NULL, leased_until_ms = NULL, \
+                     last_error_kind = $3, last_http_status = $4, finished_at_ms = $5 \
+                     WHERE id = $1 AND lease_owner = $2 AND state = 'leased'",
+                )
+                .bind(id.0)
+                .bind(owner)
+                .bind(error_kind)
+                .bind(http_status.map(i64::from))
+                .bind(now_ms)
+                .execute(&self.pool)
+                .await?;
+                Ok(result.rows_affected() == 1)
+            }
+
+            async fn release_leases(&self, owner: &str) -> StoreResult<u64> {
+                let result = sqlx::query(
+                    "UPDATE inbox SET state = 'pending', lease_owner = NULL, leased_until_ms = NULL, attempts = attempts - 1 \
+                     WHERE lease_owner = $1 AND state = 'leased'",
+                )
+                .bind(owner)
+                .execute(&self.pool)
+                .await?;
+                Ok(result.rows_affected())
+            }
+
+            async fn load_inbox_item(&self, id: InboxId) -> StoreResult<Option<InboxItem>> {
+                let sql = format!("SELECT {INBOX_COLUMNS} FROM inbox WHERE id = $1");
+                let row = sqlx::query(&sql).bind(id.0).fetch_optional(&self.pool).await?;
+                row.as_ref().map(inbox_from_row).transpose()
+            }
+
+            async fn inbox_counts(&self) -> StoreResult<Vec<InboxCount>> {
+                let rows = sqlx::query(
+                    "SELECT source, state, COUNT(*) AS n FROM inbox GROUP BY source, state ORDER BY source, state",
+                )
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|row| {
+                        let state: String = row.try_get("state")?;
+                        Ok(InboxCount {
+                            source: parse_source(row.try_get::<&str, _>("source")?)?,
+                            state: InboxState::parse(&state).ok_or_else(|| {
+                                StoreError::corrupt("inbox state", crate::store::sql::BadValue("state"))
+                            })?,
+                            count: row.try_get("n")?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn oldest_pending_ms(&self) -> StoreResult<Option<i64>> {
+                let row = sqlx::query("SELECT MIN(received_at_ms) AS t FROM inbox WHERE state IN ('pending', 'leased')")
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(row.try_get("t")?)
+            }
+
+            async fn load_source_record(&self, key: &SourceKey) -> StoreResult<Option<SourceRecord>> {
+                load_source_record_in(&self.pool, key).await
+            }
+
+            async fn load_patient(&self, id: &PatientId) -> StoreResult<Option<PatientRow>> {
+                load_patient_in(&self.pool, id).await
+            }
+
+            async fn load_field_sources(&self, id: &PatientId) -> StoreResult<Vec<FieldSource>> {
+                let rows = sqlx::query(
+                    "SELECT field, source, source_id, source_updated_at FROM patient_field_sources \
+                     WHERE patient_id = $1 ORDER BY field",
+                )
+                .bind(id.as_str())
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok(FieldSource {
+                            field: row.try_get("field")?,
+                            key: SourceKey::new(
+                                parse_source(row.try_get::<&str, _>("source")?)?,
+                                row.try_get::<String, _>("source_id")?,
+                            ),
+                            source_updated_at: row.try_get("source_updated_at")?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn load_link(&self, key: &SourceKey) -> StoreResult<Option<Link>> {
+                load_link_in(&self.pool, key).await
+            }
+
+            async fn load_link_events(&self, key: &SourceKey) -> StoreResult<Vec<LinkEvent>> {
+                let rows = sqlx::query(
+                    "SELECT source, source_id, action, patient_id, previous_patient_id, method, rule, score, decided_by, at \
+                     FROM link_events WHERE source = $1 AND source_id = $2 ORDER BY id",
+                )
+                .bind(key.source.as_str())
+                .bind(key.id.as_str())
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(link_event_from_row).collect()
+            }
+
+            async fn count_patients(&self) -> StoreResult<Vec<(String, i64)>> {
+                let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM patients GROUP BY status ORDER BY status")
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter()
+                    .map(|row| Ok((row.try_get("status")?, row.try_get("n")?)))
+                    .collect()
+            }
+
+            async fn load_sync_state(&self, source: SourceKind, stream: &str) -> StoreResult<Option<SyncState>> {
+                let row = sqlx::query(
+                    "SELECT source, stream, cursor, checkpoint, last_success_at, updated_at FROM sync_state \
+                     WHERE source = $1 AND stream = $2",
+                )
+                .bind(source.as_str())
+                .bind(stream)
+                .fetch_optional(&self.pool)
+                .await?;
+                row.as_ref().map(sync_state_from_row).transpose()
+            }
+
+            async fn save_sync_state(&self, state: &SyncState) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO sync_state (source, stream, cursor, checkpoint, last_success_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6) \
+                     ON CONFLICT (source, stream) DO UPDATE SET cursor = excluded.cursor, checkpoint = excluded.checkpoint, \
+                     last_success_at = excluded.last_success_at, updated_at = excluded.updated_at",
+                )
+                .bind(state.source.as_str())
+                .bind(&state.stream)
+                .bind(state.cursor.as_deref())
+                .bind(state.checkpoint.as_deref())
+                .bind(state.last_success_at)
+                .bind(state.updated_at)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+        }
+
+        /// A write transaction on this backend.
+        pub struct $Tx {
+            tx: sqlx::Transaction<'static, $Db>,
+        }
+
+        #[async_trait]
+        impl StoreTx for $Tx {
+            async fn load_source_record(&mut self, key: &SourceKey) -> StoreResult<Option<SourceRecord>> {
+                load_source_record_in(&mut *self.tx, key).await
+            }
+
+            async fn save_source_record(&mut self, record: &SourceRecord) -> StoreResult<SaveOutcome> {
+                let existing = load_source_record_in(&mut *self.tx, &record.key).await?;
+                let outcome = match &existing {
+                    None => SaveOutcome::Created,
+                    Some(old) if old.version_key() > record.version_key() => return Ok(SaveOutcome::Stale),
+                    Some(old)
+                        if old.fields == record.fields
+                            && old.status == record.status
+                            && old.merged_into == record.merged_into
+                            && old.raw == record.raw =>
+                    {
+                        SaveOutcome::Unchanged
+                    }
+                    Some(_) => SaveOutcome::Updated,
+                };
+                let fields = serde_json::to_string(&record.fields)
+                    .map_err(|e| StoreError::corrupt("source record fields", e))?;
+                let raw = serde_json::to_string(&record.raw)
+                    .map_err(|e| StoreError::corrupt("source record payload", e))?;
+                sqlx::query(
+                    "INSERT INTO source_records (source, source_id, status, merged_into, fields, raw, source_updated_at, fetched_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                     ON CONFLICT (source, source_id) DO UPDATE SET status = excluded.status, merged_into = excluded.merged_into, \
+                     fields = excluded.fields, raw = excluded.raw, source_updated_at = excluded.source_updated_at, \
+                     fetched_at = excluded.fetched_at",
+                )
+                .bind(record.key.source.as_str())
+                .bind(record.key.id.as_str())
+                .bind(record.status.as_str())
+                .bind(record.merged_into.as_ref().map(|m| m.as_str()))
+                .bind(fields)
+                .bind(raw)
+                .bind(record.source_updated_at)
+                .bind(record.fetched_at)
+                .execute(&mut *self.tx)
+                .await?;
+                Ok(outcome)
+            }
+
+            async fn load_link(&mut self, key: &SourceKey) -> StoreResult<Option<Link>> {
+                load_link_in(&mut *self.tx, key).await
+            }
+
+            async fn save_link(&mut self, link: &Link, event: &LinkEvent) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO links (source, source_id, patient_id, method, rule, score, decided_by, decided_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                     ON CONFLICT (source, source_id) DO UPDATE SET patient_id = excluded.patient_id, method = excluded.method, \
+                     rule = excluded.rule, score = excluded.score, decided_by = excluded.decided_by, decided_at = excluded.decided_at",
+                )
+                .bind(link.key.source.as_str())
+                .bind(link.key.id.as_str())
+                .bind(link.patient_id.as_str())
+                .bind(link.method.as_str())
+                .bind(link.rule.as_deref())
+                .bind(link.score)
+                .bind(&link.decided_by)
+                .bind(link.decided_at)
+                .execute(&mut *self.tx)
+                .await?;
+                insert_link_event_in(&mut *self.tx, event).await
+            }
+
+            async fn delete_link(&mut self, key: &SourceKey, event: &LinkEvent) -> StoreResult<()> {
+                sqlx::query("DELETE FROM links WHERE source = $1 AND source_id = $2")
+                    .bind(key.source.as_str())
+                    .bind(key.id.as_str())
+                    .execute(&mut *self.tx)
+                    .await?;
+                insert_link_event_in(&mut *self.tx, event).await
+            }
+
+            async fn load_linked_records(&mut self, patient_id: &PatientId) -> StoreResult<Vec<SourceRecord>> {
+                let sql = format!(
+                    "SELECT {} FROM source_records r JOIN links l ON l.source = r.source AND l.source_id = r.source_id \
+                     WHERE l.patient_id = $1 ORDER BY r.source, r.source_id",
+                    RECORD_COLUMNS
+                        .split(", ")
+                        .map(|c| format!("r.{c}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                let rows = sqlx::query(&sql).bind(patient_id.as_str()).fetch_all(&mut *self.tx).await?;
+                rows.iter().map(record_from_row).collect()
+            }
+
+            async fn load_patient(&mut self, id: &PatientId) -> StoreResult<Option<PatientRow>> {
+                load_patient_in(&mut *self.tx, id).await
+            }
+
+            async fn save_patient(&mut self, row: &PatientRow, provenance: &[FieldSource]) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO patients (patient_id, given_name, middle_name, family_name, preferred_name, birth_date, \
+                     sex, gender_identity, email, phone, address_line1, address_line2, city, state, postal_code, country, \
+                     healthie_id, intakeq_id, hint_id, status, merged_into, first_seen_at, updated_at, version) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24) \
+                     ON CONFLICT (patient_id) DO UPDATE SET given_name = excluded.given_name, middle_name = excluded.middle_name, \
+                     family_name = excluded.family_name, preferred_name = excluded.preferred_name, birth_date = excluded.birth_date, \
+                     sex = excluded.sex, gender_identity = excluded.gender_identity, email = excluded.email, phone = excluded.phone, \
+                     address_line1 = excluded.address_line1, address_line2 = excluded.address_line2, city = excluded.city, \
+                     state = excluded.state, postal_code = excluded.postal_code, country = excluded.country, \
+                     healthie_id = excluded.healthie_id, intakeq_id = excluded.intakeq_id, hint_id = excluded.hint_id, \
+                     status = excluded.status, merged_into = excluded.merged_into, updated_at = excluded.updated_at, \
+                     version = excluded.version",
+                )
+                .bind(row.patient_id.as_str())
+                .bind(row.given_name.as_deref())
+                .bind(row.middle_name.as_deref())
+                .bind(row.family_name.as_deref())
+                .bind(row.preferred_name.as_deref())
+                .bind(row.birth_date)
+                .bind(row.sex.as_deref())
+                .bind(row.gender_identity.as_deref())
+                .bind(row.email.as_deref())
+                .bind(row.phone.as_deref())
+                .bind(row.address_line1.as_deref())
+                .bind(row.address_line2.as_deref())
+                .bind(row.city.as_deref())
+                .bind(row.state.as_deref())
+                .bind(row.postal_code.as_deref())
+                .bind(row.country.as_deref())
+                .bind(row.healthie_id.as_deref())
+                .bind(row.intakeq_id.as_deref())
+                .bind(row.hint_id.as_deref())
+                .bind(&row.status)
+                .bind(row.merged_into.as_ref().map(|m| m.as_str()))
+                .bind(row.first_seen_at)
+                .bind(row.updated_at)
+                .bind(row.version)
+                .execute(&mut *self.tx)
+                .await?;
+                sqlx::query("DELETE FROM patient_field_sources WHERE patient_id = $1")
+                    .bind(row.patient_id.as_str())
+                    .execute(&mut *self.tx)
+                    .await?;
+                for fs in provenance {
+                    sqlx::query(
+                        "INSERT INTO patient_field_sources (patient_id, field, source, source_id, source_updated_at, decided_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6)",
+                    )
+                    .bind(row.patient_id.as_str())
+                    .bind(&fs.field)
+                    .bind(fs.key.source.as_str())
+                    .bind(fs.key.id.as_str())
+                    .bind(fs.source_updated_at)
+                    .bind(row.updated_at)
+                    .execute(&mut *self.tx)
+                    .await?;
+                }
+                Ok(())
+            }
+
+            async fn finish_inbox(
+                &mut self,
+                ids: &[InboxId],
+                owner: &str,
+                ignore_reason: Option<&str>,
+                now_ms: i64,
+            ) -> StoreResult<u64> {
+                let state = if ignore_reason.is_some() { InboxState::Ignored } else { InboxState::Done };
+                let mut finished = 0;
+                for id in ids {
+                    let result = sqlx::query(
+                        "UPDATE inbox SET state = $3, reason = $4, lease_owner = NULL, leased_until_ms = NULL, finished_at_ms = $5 \
+                         WHERE id = $1 AND lease_owner = $2 AND state = 'leased'",
+                    )
+                    .bind(id.0)
+                    .bind(owner)
+                    .bind(state.as_str())
+                    .bind(ignore_reason)
+                    .bind(now_ms)
+                    .execute(&mut *self.tx)
+                    .await?;
+                    finished += result.rows_affected();
+                }
+                Ok(finished)
+            }
+
+            async fn commit(self: Box<Self>) -> StoreResult<()> {
+                self.tx.commit().await?;
+                Ok(())
+            }
+        }
+
+        #[allow(dead_code)]
+        fn _uses(_: DateTime<Utc>) {}
+    };
+}
+
+pub(crate) use impl_store;
+
+/// A stored value outside its column's allowed set.
+#[derive(Debug, thiserror::Error)]
+#[error("unexpected value in column {0}")]
+pub(crate) struct BadValue(pub &'static str);

@@ -1,0 +1,51 @@
+//! The SQLite store: the embedded default. WAL journal, a busy timeout, foreign keys on, and
+//! `BEGIN IMMEDIATE` for write transactions so read-then-write never fails on a lock upgrade.
+
+use std::str::FromStr;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Sqlite, SqlitePool};
+
+/// A SQLite-backed [`Store`](crate::store::Store).
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database file a `sqlite:` url names.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, crate::store::StoreError> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(std::time::Duration::from_secs(30))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .connect_with(options)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    fn migrator(&self) -> sqlx::migrate::Migrator {
+        sqlx::migrate!("./migrations/sqlite")
+    }
+}
+
+async fn begin_immediate(pool: &SqlitePool) -> Result<sqlx::Transaction<'static, Sqlite>, sqlx::Error> {
+    pool.begin_with("BEGIN IMMEDIATE").await
+}
+
+crate::store::sql::impl_store!(
+    store = SqliteStore,
+    tx = SqliteTx,
+    db = Sqlite,
+    backend = Backend::Sqlite,
+    claim_lock = "",
+    begin = begin_immediate,
+);
