@@ -1,8 +1,8 @@
 //! patient-sync keeps one canonical patient table in step with Healthie, IntakeQ and Hint
 //! Health. See `ARCHITECTURE.md` for the map of modules.
 
-pub mod model;
-pub mod store;
 pub mod identity;
+pub mod model;
 pub mod sandbox;
 pub mod sources;
+pub mod store;

@@ -121,7 +121,10 @@ pub struct SourceKey {
 
 impl SourceKey {
     pub fn new(source: SourceKind, id: impl Into<SourceId>) -> Self {
-        Self { source, id: id.into() }
+        Self {
+            source,
+            id: id.into(),
+        }
     }
 }
 

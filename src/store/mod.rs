@@ -398,7 +398,11 @@ pub trait Store: Send + Sync + 'static {
     async fn load_link_events(&self, key: &SourceKey) -> StoreResult<Vec<LinkEvent>>;
     /// Patient counts by status.
     async fn count_patients(&self) -> StoreResult<Vec<(String, i64)>>;
-    async fn load_sync_state(&self, source: SourceKind, stream: &str) -> StoreResult<Option<SyncState>>;
+    async fn load_sync_state(
+        &self,
+        source: SourceKind,
+        stream: &str,
+    ) -> StoreResult<Option<SyncState>>;
     async fn save_sync_state(&self, state: &SyncState) -> StoreResult<()>;
 }
 
@@ -415,10 +419,17 @@ pub trait StoreTx: Send {
     /// Removes a link and appends its event to `link_events`.
     async fn delete_link(&mut self, key: &SourceKey, event: &LinkEvent) -> StoreResult<()>;
     /// Every source record linked to a patient.
-    async fn load_linked_records(&mut self, patient_id: &PatientId) -> StoreResult<Vec<SourceRecord>>;
+    async fn load_linked_records(
+        &mut self,
+        patient_id: &PatientId,
+    ) -> StoreResult<Vec<SourceRecord>>;
     async fn load_patient(&mut self, id: &PatientId) -> StoreResult<Option<PatientRow>>;
     /// Upserts a canonical row and replaces its field provenance.
-    async fn save_patient(&mut self, row: &PatientRow, provenance: &[FieldSource]) -> StoreResult<()>;
+    async fn save_patient(
+        &mut self,
+        row: &PatientRow,
+        provenance: &[FieldSource],
+    ) -> StoreResult<()>;
     /// Marks leased items finished: `done`, or `ignored` when a reason is given. Returns how
     /// many were still leased by `owner`; fewer than asked means a lease was lost.
     async fn finish_inbox(

@@ -13,7 +13,10 @@ pub struct PgStore {
 
 impl PgStore {
     /// Connects to the server a `postgres:` url names.
-    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, crate::store::StoreError> {
+    pub async fn connect(
+        url: &str,
+        max_connections: u32,
+    ) -> Result<Self, crate::store::StoreError> {
         let options = PgConnectOptions::from_str(url)?;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(1))

@@ -14,7 +14,10 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     /// Opens (creating if missing) the database file a `sqlite:` url names.
-    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, crate::store::StoreError> {
+    pub async fn connect(
+        url: &str,
+        max_connections: u32,
+    ) -> Result<Self, crate::store::StoreError> {
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -37,7 +40,9 @@ impl SqliteStore {
     }
 }
 
-async fn begin_immediate(pool: &SqlitePool) -> Result<sqlx::Transaction<'static, Sqlite>, sqlx::Error> {
+async fn begin_immediate(
+    pool: &SqlitePool,
+) -> Result<sqlx::Transaction<'static, Sqlite>, sqlx::Error> {
     pool.begin_with("BEGIN IMMEDIATE").await
 }
 

@@ -1,2 +1,3 @@
 //! Healthie: GraphQL client, wire types, conversion into source records, webhook envelope and
 //! signature.
+pub mod signature;
