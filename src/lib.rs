@@ -1,7 +1,9 @@
 //! patient-sync keeps one canonical patient table in step with Healthie, IntakeQ and Hint
 //! Health. See `ARCHITECTURE.md` for the map of modules.
 
+pub mod config;
 pub mod identity;
+pub mod metrics;
 pub mod model;
 pub mod sandbox;
 pub mod sources;

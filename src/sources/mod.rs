@@ -1,5 +1,70 @@
 //! Upstream systems: one module per source with the same shape (client, wire types, conversion,
 //! webhook parsing), and the shared HTTP layer every upstream request goes through.
+//!
+//! The worker sees every source through [`Source`]: `plan` reads an inbox item (no IO) and says
+//! what it asks for; `fetch_records` fetches current snapshots, batched where the API allows.
 
 pub mod healthie;
 pub mod http;
+
+use async_trait::async_trait;
+
+use crate::model::{SourceId, SourceKind, SourceRecord};
+use crate::store::InboxItem;
+use http::FetchError;
+
+/// What an inbox item asks the worker to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Plan {
+    /// Refetch these records from the source (thin webhooks, id hints, polls).
+    Fetch(Vec<SourceId>),
+    /// The item carries the full record already (Hint webhooks, imports): apply it as is.
+    Apply(Box<SourceRecord>),
+    /// `from` was merged into `into` upstream: retire `from`, fold its patient into `into`'s,
+    /// and refetch both.
+    Merge { from: SourceId, into: SourceId },
+    /// Nothing to do; the reason is stored on the item (no PHI).
+    Ignore(String),
+}
+
+/// Why an inbox item could not be planned (a malformed stored body). Dead-lettered, not retried.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot plan inbox item: {what}")]
+pub struct PlanError {
+    pub what: &'static str,
+}
+
+/// Why a payload could not be converted into a source record. Names the field, never its value.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    #[error("payload is not valid JSON for this source ({0})")]
+    Shape(String),
+    #[error("missing required field `{0}`")]
+    Missing(&'static str),
+    #[error("field `{0}` has an unexpected format")]
+    Format(&'static str),
+}
+
+/// One upstream, as the worker uses it.
+#[async_trait]
+pub trait Source: Send + Sync {
+    fn kind(&self) -> SourceKind;
+
+    /// Reads a stored inbox item and decides what it asks for. Pure: no IO.
+    fn plan(&self, item: &InboxItem) -> Result<Plan, PlanError>;
+
+    /// Fetches the current snapshot of each id; `Ok(None)` means the source does not know it
+    /// (or no longer shows it). Batched where the API allows; one result per id, in order.
+    async fn fetch_records(
+        &self,
+        ids: &[SourceId],
+    ) -> Vec<(SourceId, Result<Option<SourceRecord>, FetchError>)>;
+
+    /// Converts one record in this source's own API shape (as `import` reads them) into a
+    /// source record.
+    fn parse_record(
+        &self,
+        value: &serde_json::Value,
+        fetched_at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<SourceRecord, ConvertError>;
+}
