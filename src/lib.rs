@@ -8,3 +8,4 @@ pub mod model;
 pub mod sandbox;
 pub mod sources;
 pub mod store;
+pub mod telemetry;

@@ -45,6 +45,32 @@ pub enum ConvertError {
     Format(&'static str),
 }
 
+/// One page of an incremental poll or a sweep.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PollPage {
+    pub items: Vec<PollItem>,
+    /// Where the next call continues (opaque to callers; stored in `sync_state` after every
+    /// page, so a poll resumes where it stopped).
+    pub next_cursor: Option<String>,
+    /// True when this stream has nothing more for now; `next_cursor` then starts the next pass.
+    pub complete: bool,
+}
+
+/// What a poll found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PollItem {
+    /// A full record in the source's own API shape (applied without a refetch).
+    Record {
+        id: SourceId,
+        updated_at: Option<chrono::DateTime<chrono::Utc>>,
+        body: serde_json::Value,
+    },
+    /// Only an id: the worker refetches it.
+    Changed(SourceId),
+    /// The source reports this record deleted.
+    Deleted(SourceId),
+}
+
 /// One upstream, as the worker uses it.
 #[async_trait]
 pub trait Source: Send + Sync {
@@ -59,6 +85,12 @@ pub trait Source: Send + Sync {
         &self,
         ids: &[SourceId],
     ) -> Vec<(SourceId, Result<Option<SourceRecord>, FetchError>)>;
+
+    /// Poll streams this source has (e.g. `updated`, `deleted`), polled in this order.
+    fn poll_streams(&self) -> &'static [&'static str];
+
+    /// Fetches one page of `stream` from `cursor` (None: the source's own starting point).
+    async fn poll(&self, stream: &str, cursor: Option<&str>) -> Result<PollPage, FetchError>;
 
     /// Converts one record in this source's own API shape (as `import` reads them) into a
     /// source record.

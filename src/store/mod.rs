@@ -387,6 +387,23 @@ pub trait Store: Send + Sync + 'static {
     /// Returns every item leased by `owner` to `pending` without counting the attempt.
     async fn release_leases(&self, owner: &str) -> StoreResult<u64>;
     async fn load_inbox_item(&self, id: InboxId) -> StoreResult<Option<InboxItem>>;
+    /// Items in `state`, optionally of one source and received at or after `since_ms`, oldest first.
+    async fn list_inbox(
+        &self,
+        state: InboxState,
+        source: Option<SourceKind>,
+        since_ms: Option<i64>,
+        limit: u32,
+    ) -> StoreResult<Vec<InboxItem>>;
+    /// Puts dead items back to `pending` with a fresh attempt budget: one item, or every dead
+    /// item (optionally of one source, received at or after `since_ms`). Returns how many.
+    async fn requeue_dead(
+        &self,
+        id: Option<InboxId>,
+        source: Option<SourceKind>,
+        since_ms: Option<i64>,
+        now_ms: i64,
+    ) -> StoreResult<u64>;
     async fn inbox_counts(&self) -> StoreResult<Vec<InboxCount>>;
     /// Receive time of the oldest pending item, if any.
     async fn oldest_pending_ms(&self) -> StoreResult<Option<i64>>;
@@ -439,6 +456,29 @@ pub trait StoreTx: Send {
         ignore_reason: Option<&str>,
         now_ms: i64,
     ) -> StoreResult<u64>;
+    /// Serializes work on one name (a patient or record) until the transaction ends: a
+    /// transaction-scoped advisory lock on Postgres; SQLite's write lock already serializes.
+    async fn lock(&mut self, name: &str) -> StoreResult<()>;
+    /// Replaces the blocking keys of a record.
+    async fn replace_match_keys(&mut self, key: &SourceKey, keys: &[String]) -> StoreResult<()>;
+    /// Patients linked to any record (other than `exclude`) sharing one of `keys`, sorted.
+    async fn find_candidate_patients(
+        &mut self,
+        keys: &[String],
+        exclude: &SourceKey,
+    ) -> StoreResult<Vec<PatientId>>;
+    /// Every link of a patient.
+    async fn load_patient_links(&mut self, patient_id: &PatientId) -> StoreResult<Vec<Link>>;
+    /// Patients an admin refused to pair with this record.
+    async fn load_rejected_patients(&mut self, key: &SourceKey) -> StoreResult<Vec<PatientId>>;
+    /// Opens a review of (record, patient) unless that pair was already reviewed or proposed.
+    async fn open_review(
+        &mut self,
+        key: &SourceKey,
+        patient_id: &PatientId,
+        score: f64,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()>;
     async fn commit(self: Box<Self>) -> StoreResult<()>;
 }
 

@@ -45,5 +45,6 @@ crate::store::sql::impl_store!(
     db = Postgres,
     backend = Backend::Postgres,
     claim_lock = " FOR UPDATE SKIP LOCKED",
+    advisory_lock = Some("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"),
     begin = begin,
 );

@@ -9,6 +9,7 @@ macro_rules! impl_store {
         db = $Db:ty,
         backend = $backend:expr,
         claim_lock = $claim_lock:expr,
+        advisory_lock = $advisory_lock:expr,
         begin = $begin:expr $(,)?
     ) => {
         use std::time::Duration;
@@ -358,6 +359,48 @@ macro_rules! impl_store {
                 row.as_ref().map(inbox_from_row).transpose()
             }
 
+            async fn list_inbox(
+                &self,
+                state: InboxState,
+                source: Option<SourceKind>,
+                since_ms: Option<i64>,
+                limit: u32,
+            ) -> StoreResult<Vec<InboxItem>> {
+                let sql = format!(
+                    "SELECT {INBOX_COLUMNS} FROM inbox WHERE state = $1 AND ($2 IS NULL OR source = $2) \
+                     AND ($3 IS NULL OR received_at_ms >= $3) ORDER BY id LIMIT $4"
+                );
+                let rows = sqlx::query(&sql)
+                    .bind(state.as_str())
+                    .bind(source.map(|s| s.as_str()))
+                    .bind(since_ms)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(inbox_from_row).collect()
+            }
+
+            async fn requeue_dead(
+                &self,
+                id: Option<InboxId>,
+                source: Option<SourceKind>,
+                since_ms: Option<i64>,
+                now_ms: i64,
+            ) -> StoreResult<u64> {
+                let result = sqlx::query(
+                    "UPDATE inbox SET state = 'pending', attempts = 0, available_at_ms = $4, finished_at_ms = NULL \
+                     WHERE state = 'dead' AND ($1 IS NULL OR id = $1) AND ($2 IS NULL OR source = $2) \
+                     AND ($3 IS NULL OR received_at_ms >= $3)",
+                )
+                .bind(id.map(|i| i.0))
+                .bind(source.map(|s| s.as_str()))
+                .bind(since_ms)
+                .bind(now_ms)
+                .execute(&self.pool)
+                .await?;
+                Ok(result.rows_affected())
+            }
+
             async fn inbox_counts(&self) -> StoreResult<Vec<InboxCount>> {
                 let rows = sqlx::query(
                     "SELECT source, state, COUNT(*) AS n FROM inbox GROUP BY source, state ORDER BY source, state",
@@ -660,14 +703,103 @@ macro_rules! impl_store {
                 Ok(finished)
             }
 
+            async fn lock(&mut self, name: &str) -> StoreResult<()> {
+                let sql: Option<&str> = $advisory_lock;
+                if let Some(sql) = sql {
+                    sqlx::query(sql).bind(name).execute(&mut *self.tx).await?;
+                }
+                Ok(())
+            }
+
+            async fn replace_match_keys(&mut self, key: &SourceKey, keys: &[String]) -> StoreResult<()> {
+                sqlx::query("DELETE FROM match_keys WHERE source = $1 AND source_id = $2")
+                    .bind(key.source.as_str())
+                    .bind(key.id.as_str())
+                    .execute(&mut *self.tx)
+                    .await?;
+                let mut keys: Vec<&String> = keys.iter().collect();
+                keys.sort();
+                keys.dedup();
+                for k in keys {
+                    sqlx::query("INSERT INTO match_keys (key, source, source_id) VALUES ($1, $2, $3)")
+                        .bind(k)
+                        .bind(key.source.as_str())
+                        .bind(key.id.as_str())
+                        .execute(&mut *self.tx)
+                        .await?;
+                }
+                Ok(())
+            }
+
+            async fn find_candidate_patients(
+                &mut self,
+                keys: &[String],
+                exclude: &SourceKey,
+            ) -> StoreResult<Vec<PatientId>> {
+                let mut found = std::collections::BTreeSet::new();
+                for k in keys {
+                    let rows = sqlx::query(
+                        "SELECT DISTINCT l.patient_id FROM match_keys m \
+                         JOIN links l ON l.source = m.source AND l.source_id = m.source_id \
+                         WHERE m.key = $1 AND NOT (m.source = $2 AND m.source_id = $3)",
+                    )
+                    .bind(k)
+                    .bind(exclude.source.as_str())
+                    .bind(exclude.id.as_str())
+                    .fetch_all(&mut *self.tx)
+                    .await?;
+                    for row in rows {
+                        found.insert(PatientId(row.try_get("patient_id")?));
+                    }
+                }
+                Ok(found.into_iter().collect())
+            }
+
+            async fn load_patient_links(&mut self, patient_id: &PatientId) -> StoreResult<Vec<Link>> {
+                let sql = format!("SELECT {LINK_COLUMNS} FROM links WHERE patient_id = $1 ORDER BY source, source_id");
+                let rows = sqlx::query(&sql).bind(patient_id.as_str()).fetch_all(&mut *self.tx).await?;
+                rows.iter().map(link_from_row).collect()
+            }
+
+            async fn load_rejected_patients(&mut self, key: &SourceKey) -> StoreResult<Vec<PatientId>> {
+                let rows = sqlx::query(
+                    "SELECT patient_id FROM match_reviews WHERE source = $1 AND source_id = $2 AND state = 'rejected' \
+                     ORDER BY patient_id",
+                )
+                .bind(key.source.as_str())
+                .bind(key.id.as_str())
+                .fetch_all(&mut *self.tx)
+                .await?;
+                rows.iter().map(|r| Ok(PatientId(r.try_get("patient_id")?))).collect()
+            }
+
+            async fn open_review(
+                &mut self,
+                key: &SourceKey,
+                patient_id: &PatientId,
+                score: f64,
+                now: DateTime<Utc>,
+            ) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO match_reviews (source, source_id, patient_id, score, state, created_at) \
+                     VALUES ($1, $2, $3, $4, 'open', $5) \
+                     ON CONFLICT (source, source_id, patient_id) DO NOTHING",
+                )
+                .bind(key.source.as_str())
+                .bind(key.id.as_str())
+                .bind(patient_id.as_str())
+                .bind(score)
+                .bind(now)
+                .execute(&mut *self.tx)
+                .await?;
+                Ok(())
+            }
+
             async fn commit(self: Box<Self>) -> StoreResult<()> {
                 self.tx.commit().await?;
                 Ok(())
             }
         }
-
-        #[allow(dead_code)]
-        fn _uses(_: DateTime<Utc>) {}
     };
 }
 

@@ -52,5 +52,6 @@ crate::store::sql::impl_store!(
     db = Sqlite,
     backend = Backend::Sqlite,
     claim_lock = "",
+    advisory_lock = None,
     begin = begin_immediate,
 );

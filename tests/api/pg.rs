@@ -1,0 +1,216 @@
+//! A throwaway Postgres server for the test run, started from the system's binaries (as
+//! `nobody` when the tests run as root, since the server refuses root). One server per test
+//! process, one fresh database per test; the server dies with the test process.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::chown;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+const NOBODY: u32 = 65534;
+
+struct Server {
+    port: u16,
+}
+
+static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
+static NEXT_DB: AtomicU32 = AtomicU32::new(0);
+
+/// Where the server binaries are: `PSYNC_PG_BINDIR`, `pg_config --bindir`, or the newest
+/// `/usr/lib/postgresql/*/bin`.
+fn find_bindir() -> Result<PathBuf, String> {
+    let has_server = |dir: &Path| dir.join("postgres").is_file() && dir.join("initdb").is_file();
+    if let Ok(dir) = std::env::var("PSYNC_PG_BINDIR") {
+        let dir = PathBuf::from(dir);
+        return if has_server(&dir) {
+            Ok(dir)
+        } else {
+            Err(format!(
+                "PSYNC_PG_BINDIR={} holds no postgres and initdb binaries",
+                dir.display()
+            ))
+        };
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if out.status.success() && has_server(&dir) {
+            return Ok(dir);
+        }
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|d| has_server(d))
+        .collect();
+    found.sort_by_key(|d| {
+        d.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    found.pop().ok_or_else(|| {
+        "no Postgres server binaries found (looked at PSYNC_PG_BINDIR, pg_config --bindir and \
+         /usr/lib/postgresql/*/bin): install them, e.g. `apt-get install postgresql-15`, or set \
+         PSYNC_PG_BINDIR"
+            .to_string()
+    })
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn command(bindir: &Path, program: &str) -> Command {
+    let mut cmd = Command::new(bindir.join(program));
+    if is_root() {
+        cmd.uid(NOBODY).gid(NOBODY);
+    }
+    cmd.env_remove("PGDATA");
+    cmd
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("an ephemeral port is available")
+}
+
+fn start() -> Result<Server, String> {
+    let bindir = find_bindir()?;
+    let root = tempfile::Builder::new()
+        .prefix("patient-sync-pg-")
+        .tempdir()
+        .map_err(|e| format!("cannot create a directory for the test server: {e}"))?
+        .keep();
+    let data = root.join("data");
+    std::fs::create_dir(&data).map_err(|e| e.to_string())?;
+    if is_root() {
+        for dir in [&root, &data] {
+            chown(dir, Some(NOBODY), Some(NOBODY))
+                .map_err(|e| format!("cannot hand {} to nobody: {e}", dir.display()))?;
+        }
+    }
+    let init = command(&bindir, "initdb")
+        .args(["-D"])
+        .arg(&data)
+        .args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-locale",
+            "--no-sync",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| format!("cannot run initdb: {e}"))?;
+    if !init.status.success() {
+        return Err(format!(
+            "initdb failed: {}",
+            String::from_utf8_lossy(&init.stderr)
+        ));
+    }
+    let port = free_port();
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+    let data_for_thread = data.clone();
+    let root_for_thread = root.clone();
+    // The server is a child of a thread that never ends, so PR_SET_PDEATHSIG fires only when
+    // the whole test process goes away.
+    std::thread::spawn(move || {
+        let mut cmd = command(&bindir, "postgres");
+        cmd.arg("-D")
+            .arg(&data_for_thread)
+            .args(["-p", &port.to_string(), "-k"])
+            .arg(&root_for_thread)
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "max_connections=300",
+                "-c",
+                "logging_collector=off",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: prctl is async-signal-safe and touches only this child process.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = ready_tx.send(Err(format!("cannot start postgres: {e}")));
+                return;
+            }
+        };
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let mut signalled = false;
+        let mut log = Vec::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !signalled {
+                log.push(line.clone());
+                if line.contains("ready to accept connections") {
+                    let _ = ready_tx.send(Ok(()));
+                    signalled = true;
+                }
+            }
+        }
+        if !signalled {
+            let _ = ready_tx.send(Err(format!(
+                "postgres exited before it was ready:\n{}",
+                log.join("\n")
+            )));
+        }
+        let _ = child.wait();
+        loop {
+            std::thread::park();
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(60))
+        .map_err(|_| "postgres did not become ready within 60 s".to_string())??;
+    Ok(Server { port })
+}
+
+/// A url to a fresh, empty database on the shared test server.
+pub async fn fresh_database() -> String {
+    let server = SERVER.get_or_init(start);
+    let server = match server {
+        Ok(s) => s,
+        Err(e) => panic!("cannot start the test Postgres server: {e}"),
+    };
+    let name = format!(
+        "t{}_{}",
+        std::process::id(),
+        NEXT_DB.fetch_add(1, Ordering::SeqCst)
+    );
+    let admin = format!("postgres://postgres@127.0.0.1:{}/postgres", server.port);
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin)
+        .await
+        .expect("connect to the test server");
+    sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
+        .await
+        .expect("create a test database");
+    format!("postgres://postgres@127.0.0.1:{}/{name}", server.port)
+}
