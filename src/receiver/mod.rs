@@ -16,6 +16,9 @@ mod intakeq;
 mod verify;
 mod wire;
 
+#[cfg(test)]
+mod tests;
+
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
