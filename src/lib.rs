@@ -5,6 +5,7 @@ pub mod config;
 pub mod identity;
 pub mod metrics;
 pub mod model;
+pub mod receiver;
 pub mod sandbox;
 pub mod sources;
 pub mod store;
