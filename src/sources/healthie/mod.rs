@@ -1,3 +1,4 @@
 //! Healthie: GraphQL client, wire types, conversion into source records, webhook envelope and
 //! signature.
+pub mod operations;
 pub mod signature;
