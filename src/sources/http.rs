@@ -302,6 +302,8 @@ impl Upstream {
             });
         }
         if status.is_client_error() && status != StatusCode::NOT_FOUND {
+            // A GraphQL error may arrive with a 4xx; let the source classify its body first.
+            check(&response)?;
             return Err(FetchError::Rejected {
                 kind: "client_error",
                 status: Some(status.as_u16()),

@@ -9,6 +9,7 @@ pub mod client;
 pub mod convert;
 pub mod operations;
 pub mod signature;
+pub mod sweep;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +22,7 @@ use crate::config::HealthieSettings;
 use crate::metrics::Metrics;
 use crate::model::{SourceId, SourceKind, SourceRecord};
 use crate::sources::http::{FetchError, Upstream, UpstreamPolicy};
-use crate::sources::{ConvertError, Plan, PlanError, Source};
+use crate::sources::{ConvertError, Plan, PlanError, PollPage, Source};
 use crate::store::InboxItem;
 
 pub use client::{ActiveStatus, HealthieClient, UserOrder, UserPage, UserSummary};
@@ -79,6 +80,28 @@ impl Source for Healthie {
         self.client.fetch_users(ids).await
     }
 
+    fn poll_streams(&self) -> &'static [&'static str] {
+        &["active", "archived"]
+    }
+
+    async fn poll(&self, stream: &str, cursor: Option<&str>) -> Result<PollPage, FetchError> {
+        let status = sweep::stream_status(stream).ok_or(FetchError::Rejected {
+            kind: "unknown_stream",
+            status: None,
+        })?;
+        let cursor = sweep::parse_cursor(cursor);
+        let page = self
+            .client
+            .fetch_user_page(
+                cursor.after.clone(),
+                sweep::SWEEP_PAGE_SIZE,
+                Some(status),
+                sweep::order(),
+            )
+            .await?;
+        Ok(sweep::next_page(cursor, page))
+    }
+
     fn parse_record(
         &self,
         value: &Value,
@@ -108,7 +131,7 @@ pub fn plan_item(item: &InboxItem) -> Result<Plan, PlanError> {
             let is_user = item
                 .resource_type
                 .as_deref()
-                .map_or(true, |t| t.eq_ignore_ascii_case("user"));
+                .is_none_or(|t| t.eq_ignore_ascii_case("user"));
             if !is_user {
                 return Ok(Plan::Ignore(
                     "healthie item is about a resource other than a user".into(),
