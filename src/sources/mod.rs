@@ -6,6 +6,7 @@
 
 pub mod healthie;
 pub mod http;
+pub mod intakeq;
 
 use async_trait::async_trait;
 
