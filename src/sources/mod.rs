@@ -5,6 +5,7 @@
 //! what it asks for; `fetch_records` fetches current snapshots, batched where the API allows.
 
 pub mod healthie;
+pub mod hint;
 pub mod http;
 pub mod intakeq;
 
