@@ -8,4 +8,5 @@ pub mod model;
 pub mod sandbox;
 pub mod sources;
 pub mod store;
+pub mod sync;
 pub mod telemetry;
