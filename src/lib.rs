@@ -9,4 +9,5 @@ pub mod receiver;
 pub mod sandbox;
 pub mod sources;
 pub mod store;
+pub mod sync;
 pub mod telemetry;

@@ -5,13 +5,20 @@
 //!
 //! Errors that outlive the in-request retries go back to the worker, which reschedules the
 //! inbox item durably (see `sync::worker`).
+//!
+//! An upstream with a daily allowance (IntakeQ: 500 requests a day) also carries a
+//! [`DailyBudget`]: once it is spent, requests wait for the reset instead of failing. Time comes
+//! from a [`Clock`], so tests move it by hand instead of sleeping.
 
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backoff::ExponentialBackoffBuilder;
 use bytes::Bytes;
+use chrono::{DateTime, NaiveTime, Utc};
+use futures::future::BoxFuture;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use reqwest::header::HeaderMap;
 use reqwest::StatusCode;
@@ -159,6 +166,7 @@ pub struct Upstream {
     concurrency: Option<Semaphore>,
     policy: UpstreamPolicy,
     paused_until: Mutex<Option<Instant>>,
+    budget: Option<Arc<DailyBudget>>,
     metrics: Arc<Metrics>,
 }
 
@@ -184,8 +192,21 @@ impl Upstream {
                 .map(|n| Semaphore::new(n.max(1) as usize)),
             policy,
             paused_until: Mutex::new(None),
+            budget: None,
             metrics,
         }
+    }
+
+    /// Adds a daily allowance every attempt (retries included) draws from; when it is spent,
+    /// requests wait for its reset instead of failing.
+    pub fn with_daily_budget(mut self, budget: Arc<DailyBudget>) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// The daily allowance, when this upstream has one.
+    pub fn budget(&self) -> Option<BudgetSnapshot> {
+        self.budget.as_ref().map(|b| b.snapshot())
     }
 
     pub fn source(&self) -> SourceKind {
@@ -207,6 +228,22 @@ impl Upstream {
                 }
                 _ => break,
             }
+        }
+        if let Some(budget) = &self.budget {
+            if budget.take().await {
+                self.metrics.inc(
+                    "patient_sync_upstream_budget_waits_total",
+                    "Requests that waited for the daily request budget to reset, by source.",
+                    &[("source", self.source.as_str())],
+                    1,
+                );
+            }
+            self.metrics.set(
+                "patient_sync_upstream_budget_remaining",
+                "Requests left in the current daily budget window, by source.",
+                &[("source", self.source.as_str())],
+                f64::from(budget.snapshot().remaining),
+            );
         }
         for limiter in &self.limiters {
             limiter.until_ready().await;
@@ -321,6 +358,12 @@ impl Upstream {
 
     /// Sends a request built by `build`, retrying transient failures and rate limits with
     /// exponential backoff and jitter for up to the policy's `max_retry_elapsed`.
+    ///
+    /// A rate-limit answer pauses the whole upstream for its `Retry-After`, or, when it names no
+    /// delay (Hint's `Enhance your calm`, IntakeQ), for `rate_limit_pause` doubled on each
+    /// further answer and jittered upwards by up to half. When the next try would fall outside
+    /// `max_retry_elapsed`, the rate-limit error goes back to the caller (the upstream stays
+    /// paused), so the worker's durable retry takes over.
     pub async fn execute<B, C>(&self, build: B, check: C) -> Result<RawResponse, FetchError>
     where
         B: Fn(&reqwest::Client) -> reqwest::RequestBuilder,
@@ -333,11 +376,16 @@ impl Upstream {
             .with_multiplier(2.0)
             .with_max_elapsed_time(Some(self.policy.max_retry_elapsed))
             .build();
+        let started = Instant::now();
+        let rate_limited = AtomicU32::new(0);
         backoff::future::retry(schedule, || async {
             match self.attempt(&build, &check).await {
                 Ok(r) => Ok(r),
                 Err(e) if e.is_rate_limit() => {
-                    let delay = e.retry_after().unwrap_or(self.policy.rate_limit_pause);
+                    let answers = rate_limited.fetch_add(1, Ordering::Relaxed);
+                    let delay = e
+                        .retry_after()
+                        .unwrap_or_else(|| self.rate_limit_delay(answers));
                     self.pause_for(delay).await;
                     self.metrics.inc(
                         "patient_sync_upstream_rate_limited_total",
@@ -345,6 +393,14 @@ impl Upstream {
                         &[("source", self.source.as_str())],
                         1,
                     );
+                    if let (Some(budget), Some(after)) = (&self.budget, e.retry_after()) {
+                        if after >= DAILY_CAP_RETRY_AFTER {
+                            budget.exhaust();
+                        }
+                    }
+                    if started.elapsed() + delay > self.policy.max_retry_elapsed {
+                        return Err(backoff::Error::permanent(e));
+                    }
                     Err(backoff::Error::retry_after(e, delay))
                 }
                 Err(e) if e.is_retryable() => Err(backoff::Error::transient(e)),
@@ -352,6 +408,207 @@ impl Upstream {
             }
         })
         .await
+    }
+
+    /// The pause after the `answers`-th (0-based) rate-limit answer that named no delay:
+    /// `rate_limit_pause * 2^answers`, capped at `max(retry_max, rate_limit_pause)`, times a
+    /// random factor in [1, 1.5) so callers sharing a credential do not retry in step.
+    fn rate_limit_delay(&self, answers: u32) -> Duration {
+        use rand::Rng;
+        let base = self.policy.rate_limit_pause;
+        let cap = self.policy.retry_max.max(base);
+        let grown = base.saturating_mul(1u32 << answers.min(16)).min(cap);
+        grown.mul_f64(rand::thread_rng().gen_range(1.0..1.5))
+    }
+}
+
+/// A `Retry-After` this long on a rate-limit answer means the daily cap, not the per-minute one.
+const DAILY_CAP_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// Where time comes from for daily budgets: the wall clock in production, a hand-moved clock
+/// in tests.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> DateTime<Utc>;
+    /// Completes once `now()` has reached `at`.
+    fn sleep_until(&self, at: DateTime<Utc>) -> BoxFuture<'_, ()>;
+}
+
+/// The wall clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+
+    fn sleep_until(&self, at: DateTime<Utc>) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            // Re-read the wall clock at least every minute: it can be stepped while we sleep.
+            loop {
+                let left = at - Utc::now();
+                match left.to_std() {
+                    Ok(left) if !left.is_zero() => {
+                        tokio::time::sleep(left.min(Duration::from_secs(60))).await
+                    }
+                    _ => break,
+                }
+            }
+        })
+    }
+}
+
+/// A clock that only moves when told to. `sleep_until` jumps it forward to the deadline at
+/// once (and counts the jump), so code that waits for a reset runs without real waiting.
+#[derive(Debug)]
+pub struct ManualClock {
+    now: std::sync::Mutex<DateTime<Utc>>,
+    sleeps: AtomicU64,
+}
+
+impl ManualClock {
+    pub fn new(now: DateTime<Utc>) -> Self {
+        Self {
+            now: std::sync::Mutex::new(now),
+            sleeps: AtomicU64::new(0),
+        }
+    }
+
+    pub fn set(&self, now: DateTime<Utc>) {
+        *self.now.lock().expect("clock lock") = now;
+    }
+
+    pub fn advance(&self, by: chrono::Duration) {
+        *self.now.lock().expect("clock lock") += by;
+    }
+
+    /// How many times something waited on this clock.
+    pub fn sleeps(&self) -> u64 {
+        self.sleeps.load(Ordering::Relaxed)
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> DateTime<Utc> {
+        *self.now.lock().expect("clock lock")
+    }
+
+    fn sleep_until(&self, at: DateTime<Utc>) -> BoxFuture<'_, ()> {
+        self.sleeps.fetch_add(1, Ordering::Relaxed);
+        let mut now = self.now.lock().expect("clock lock");
+        if *now < at {
+            *now = at;
+        }
+        Box::pin(std::future::ready(()))
+    }
+}
+
+/// The state of a daily budget, for `status` and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BudgetSnapshot {
+    /// Requests sent in the current window.
+    pub used: u32,
+    pub limit: u32,
+    pub remaining: u32,
+    /// When the current window ends and `used` goes back to 0.
+    pub resets_at: DateTime<Utc>,
+}
+
+/// A number of requests allowed per day, resetting every day at a fixed UTC time. Shared by
+/// everything that uses one credential (it lives in the credential's [`Upstream`]).
+///
+/// The count is kept in memory: one process, one budget. [`DailyBudget::restore`] takes a
+/// persisted snapshot back after a restart.
+pub struct DailyBudget {
+    limit: u32,
+    reset_at: NaiveTime,
+    clock: Arc<dyn Clock>,
+    window: std::sync::Mutex<BudgetWindow>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct BudgetWindow {
+    used: u32,
+    resets_at: DateTime<Utc>,
+}
+
+impl DailyBudget {
+    /// `limit` requests per window; windows end every day at `reset_at` (UTC).
+    pub fn new(limit: u32, reset_at: NaiveTime, clock: Arc<dyn Clock>) -> Self {
+        let resets_at = next_reset(clock.now(), reset_at);
+        Self {
+            limit: limit.max(1),
+            reset_at,
+            clock,
+            window: std::sync::Mutex::new(BudgetWindow { used: 0, resets_at }),
+        }
+    }
+
+    /// The current window, rolled over when its reset has passed.
+    fn current(&self) -> std::sync::MutexGuard<'_, BudgetWindow> {
+        let now = self.clock.now();
+        let mut w = self.window.lock().expect("budget lock");
+        if now >= w.resets_at {
+            *w = BudgetWindow {
+                used: 0,
+                resets_at: next_reset(now, self.reset_at),
+            };
+        }
+        w
+    }
+
+    /// Takes one request from the budget, waiting for the reset when it is spent. Returns
+    /// whether it had to wait.
+    pub async fn take(&self) -> bool {
+        let mut waited = false;
+        loop {
+            let until = {
+                let mut w = self.current();
+                if w.used < self.limit {
+                    w.used += 1;
+                    return waited;
+                }
+                w.resets_at
+            };
+            tracing::warn!(resets_at = %until, "daily request budget spent; waiting for the reset");
+            waited = true;
+            self.clock.sleep_until(until).await;
+        }
+    }
+
+    /// The upstream says the day's allowance is gone (another client shares the key): treat
+    /// the current window as spent.
+    pub fn exhaust(&self) {
+        let mut w = self.current();
+        w.used = w.used.max(self.limit);
+    }
+
+    /// Takes back a persisted snapshot (after a restart), unless its window has ended.
+    pub fn restore(&self, snapshot: &BudgetSnapshot) {
+        let mut w = self.current();
+        if snapshot.resets_at > self.clock.now() && snapshot.resets_at <= w.resets_at {
+            w.used = w.used.max(snapshot.used);
+        }
+    }
+
+    pub fn snapshot(&self) -> BudgetSnapshot {
+        let w = self.current();
+        BudgetSnapshot {
+            used: w.used,
+            limit: self.limit,
+            remaining: self.limit.saturating_sub(w.used),
+            resets_at: w.resets_at,
+        }
+    }
+}
+
+/// The first `reset_at` (UTC time of day) strictly after `now`.
+fn next_reset(now: DateTime<Utc>, reset_at: NaiveTime) -> DateTime<Utc> {
+    let today = now.date_naive().and_time(reset_at).and_utc();
+    if today > now {
+        today
+    } else {
+        today + chrono::Duration::days(1)
     }
 }
 
@@ -386,6 +643,69 @@ mod tests {
         assert_eq!(parse_retry_after(&h), Some(Duration::ZERO));
         h.insert("retry-after", "soon".parse().unwrap());
         assert_eq!(parse_retry_after(&h), None);
+    }
+
+    fn utc(y: i32, m: u32, d: u32, h: u32) -> DateTime<Utc> {
+        use chrono::TimeZone;
+        Utc.with_ymd_and_hms(y, m, d, h, 0, 0).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_daily_budget_rolls_over_at_its_reset_time() {
+        let clock = Arc::new(ManualClock::new(utc(2026, 3, 2, 22)));
+        let budget = DailyBudget::new(2, NaiveTime::MIN, clock.clone());
+        assert!(!budget.take().await);
+        assert!(!budget.take().await);
+        assert_eq!(budget.snapshot().remaining, 0);
+        clock.set(utc(2026, 3, 3, 0));
+        assert_eq!(budget.snapshot().used, 0, "a new window at midnight UTC");
+        assert_eq!(budget.snapshot().resets_at, utc(2026, 3, 4, 0));
+        assert_eq!(clock.sleeps(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_exhausted_budget_waits_for_the_reset() {
+        let clock = Arc::new(ManualClock::new(utc(2026, 3, 2, 9)));
+        let budget = DailyBudget::new(500, NaiveTime::MIN, clock.clone());
+        budget.exhaust();
+        assert_eq!(budget.snapshot().remaining, 0);
+        assert!(budget.take().await, "waited");
+        assert_eq!(clock.now(), utc(2026, 3, 3, 0));
+        assert_eq!(budget.snapshot().used, 1);
+    }
+
+    #[test]
+    fn a_restored_snapshot_counts_only_within_its_window() {
+        let clock = Arc::new(ManualClock::new(utc(2026, 3, 2, 9)));
+        let budget = DailyBudget::new(500, NaiveTime::MIN, clock.clone());
+        let stale = BudgetSnapshot {
+            used: 400,
+            limit: 500,
+            remaining: 100,
+            resets_at: utc(2026, 3, 2, 0),
+        };
+        budget.restore(&stale);
+        assert_eq!(budget.snapshot().used, 0);
+        budget.restore(&BudgetSnapshot {
+            resets_at: utc(2026, 3, 3, 0),
+            ..stale
+        });
+        assert_eq!(budget.snapshot().used, 400);
+    }
+
+    #[test]
+    fn rate_limit_pauses_without_retry_after_grow_with_jitter() {
+        let mut policy = UpstreamPolicy::per_second(1, 1, Duration::from_secs(1));
+        policy.rate_limit_pause = Duration::from_secs(1);
+        policy.retry_max = Duration::from_secs(10);
+        let upstream = Upstream::new(SourceKind::Hint, policy, Arc::new(Metrics::new()));
+        for (answers, base) in [(0u32, 1u64), (1, 2), (2, 4), (3, 8), (4, 10), (30, 10)] {
+            let base = Duration::from_secs(base);
+            for _ in 0..20 {
+                let d = upstream.rate_limit_delay(answers);
+                assert!(d >= base && d < base.mul_f64(1.5), "{answers}: {d:?}");
+            }
+        }
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! what it asks for; `fetch_records` fetches current snapshots, batched where the API allows.
 
 pub mod healthie;
+pub mod hint;
 pub mod http;
+pub mod intakeq;
 
 use async_trait::async_trait;
 

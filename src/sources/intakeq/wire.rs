@@ -1,0 +1,210 @@
+//! IntakeQ's wire shapes (reference A2): the full client profile (`includeProfile=true`), the
+//! thin list row (`ClientNumber` instead of `ClientId`), and the webhook payloads that name a
+//! client. Read leniently from `serde_json::Value`: a field of a surprising type is an error
+//! that names the field, never its value (serde's own messages quote values, which may be PHI).
+
+use serde_json::{Map, Value};
+
+use crate::sources::ConvertError;
+
+/// Clients per list page; a shorter page is the last one (there is no total count).
+pub const PAGE_SIZE: usize = 100;
+
+/// The client id of a list row or profile: `ClientId`, or `ClientNumber` on thin rows. An
+/// integer or a string of digits; anything else is no id.
+pub fn client_id(row: &Value) -> Option<String> {
+    ["ClientId", "ClientNumber"]
+        .iter()
+        .find_map(|field| row.get(*field).and_then(id_text))
+}
+
+/// Whether a list row carries the profile (`includeProfile` honoured): profiles have
+/// `ClientId`, thin rows `ClientNumber`.
+pub fn has_profile(row: &Value) -> bool {
+    row.get("ClientId").is_some_and(|v| id_text(v).is_some())
+}
+
+/// The `ClientId` a webhook payload names: at the top level (intakes, notes) or inside
+/// `Appointment` / `Invoice`.
+pub fn webhook_client_id(body: &Value) -> Option<String> {
+    body.get("ClientId").and_then(id_text).or_else(|| {
+        ["Appointment", "Invoice"].iter().find_map(|k| {
+            body.get(*k)
+                .and_then(|o| o.get("ClientId"))
+                .and_then(id_text)
+        })
+    })
+}
+
+/// An IntakeQ id: a non-negative integer, or a string of digits.
+pub fn id_text(v: &Value) -> Option<String> {
+    match v {
+        Value::Number(n) => n.as_u64().map(|n| n.to_string()),
+        Value::String(s) => {
+            let s = s.trim();
+            (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.to_string())
+        }
+        _ => None,
+    }
+}
+
+/// A full client profile, as far as patient-sync reads it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClientProfile {
+    pub client_id: String,
+    pub name: Option<String>,
+    pub first_name: Option<String>,
+    pub middle_name: Option<String>,
+    pub last_name: Option<String>,
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    pub mobile_phone: Option<String>,
+    pub home_phone: Option<String>,
+    pub work_phone: Option<String>,
+    /// Epoch milliseconds of an instant on (or near) the birth date; see `convert`.
+    pub date_of_birth_ms: Option<i64>,
+    pub gender: Option<String>,
+    pub archived: bool,
+    /// Free-text address, alongside the structured parts below.
+    pub address: Option<String>,
+    pub unit_number: Option<String>,
+    pub street_address: Option<String>,
+    pub city: Option<String>,
+    pub state: Option<String>,
+    pub state_short: Option<String>,
+    pub postal_code: Option<String>,
+    pub country: Option<String>,
+    pub external_client_id: Option<String>,
+    pub date_created_ms: Option<i64>,
+    /// `LastUpdateDate`: not in the 2022 official model, present in newer payloads.
+    pub last_update_ms: Option<i64>,
+}
+
+impl ClientProfile {
+    /// Reads a profile. The id is required (`ClientId`, or `ClientNumber` on a thin row).
+    pub fn parse(value: &Value) -> Result<Self, ConvertError> {
+        let obj = value
+            .as_object()
+            .ok_or_else(|| ConvertError::Shape("an IntakeQ client must be a JSON object".into()))?;
+        let client_id = match obj.get("ClientId").or_else(|| obj.get("ClientNumber")) {
+            None | Some(Value::Null) => return Err(ConvertError::Missing("ClientId")),
+            Some(v) => id_text(v).ok_or(ConvertError::Format("ClientId"))?,
+        };
+        Ok(Self {
+            client_id,
+            name: text(obj, "Name")?,
+            first_name: text(obj, "FirstName")?,
+            middle_name: text(obj, "MiddleName")?,
+            last_name: text(obj, "LastName")?,
+            email: text(obj, "Email")?,
+            phone: text(obj, "Phone")?,
+            mobile_phone: text(obj, "MobilePhone")?,
+            home_phone: text(obj, "HomePhone")?,
+            work_phone: text(obj, "WorkPhone")?,
+            date_of_birth_ms: epoch_ms(obj, "DateOfBirth")?,
+            gender: text(obj, "Gender")?,
+            archived: flag(obj, "Archived")?,
+            address: text(obj, "Address")?,
+            unit_number: text(obj, "UnitNumber")?,
+            street_address: text(obj, "StreetAddress")?,
+            city: text(obj, "City")?,
+            state: text(obj, "State")?,
+            state_short: text(obj, "StateShort")?,
+            postal_code: text(obj, "PostalCode")?,
+            country: text(obj, "Country")?,
+            external_client_id: text(obj, "ExternalClientId")?,
+            date_created_ms: epoch_ms(obj, "DateCreated")?,
+            last_update_ms: epoch_ms(obj, "LastUpdateDate")?,
+        })
+    }
+}
+
+/// A text field: missing, null and blank are `None`; numbers are accepted as text (phones,
+/// postal codes and external ids sometimes arrive as numbers).
+fn text(obj: &Map<String, Value>, field: &'static str) -> Result<Option<String>, ConvertError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => {
+            let s = s.trim();
+            Ok((!s.is_empty()).then(|| s.to_string()))
+        }
+        Some(Value::Number(n)) => Ok(Some(n.to_string())),
+        Some(_) => Err(ConvertError::Format(field)),
+    }
+}
+
+/// Epoch milliseconds: an integer, a float (truncated towards negative infinity) or a string of
+/// an integer. Missing and null are `None`.
+fn epoch_ms(obj: &Map<String, Value>, field: &'static str) -> Result<Option<i64>, ConvertError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(ms) => Ok(Some(ms)),
+            None => n
+                .as_f64()
+                .filter(|f| f.is_finite() && f.abs() < 1e17)
+                .map(|f| Some(f.floor() as i64))
+                .ok_or(ConvertError::Format(field)),
+        },
+        Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
+        Some(Value::String(s)) => s
+            .trim()
+            .parse::<i64>()
+            .map(Some)
+            .map_err(|_| ConvertError::Format(field)),
+        Some(_) => Err(ConvertError::Format(field)),
+    }
+}
+
+/// A boolean; missing and null are false.
+fn flag(obj: &Map<String, Value>, field: &'static str) -> Result<bool, ConvertError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(Value::String(s)) if s.eq_ignore_ascii_case("true") => Ok(true),
+        Some(Value::String(s)) if s.eq_ignore_ascii_case("false") => Ok(false),
+        Some(_) => Err(ConvertError::Format(field)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn ids_are_read_from_client_id_or_client_number() {
+        assert_eq!(client_id(&json!({"ClientId": 42})).as_deref(), Some("42"));
+        assert_eq!(
+            client_id(&json!({"ClientNumber": "43"})).as_deref(),
+            Some("43")
+        );
+        assert_eq!(client_id(&json!({"ClientNumber": "x1"})), None);
+        assert!(has_profile(&json!({"ClientId": 1})));
+        assert!(!has_profile(&json!({"ClientNumber": 1, "Name": "A"})));
+    }
+
+    #[test]
+    fn webhook_payloads_name_their_client_at_the_top_or_nested() {
+        let intake = json!({"IntakeId": "i", "Type": "Intake Submitted", "ClientId": 7});
+        let appointment =
+            json!({"EventType": "AppointmentCreated", "Appointment": {"ClientId": "8"}});
+        assert_eq!(webhook_client_id(&intake).as_deref(), Some("7"));
+        assert_eq!(webhook_client_id(&appointment).as_deref(), Some("8"));
+        assert_eq!(webhook_client_id(&json!({"Type": "x"})), None);
+    }
+
+    #[test]
+    fn a_field_of_the_wrong_type_names_the_field_and_not_the_value() {
+        let err = ClientProfile::parse(&json!({"ClientId": 1, "DateOfBirth": {"when": "Jane"}}))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "field `DateOfBirth` has an unexpected format"
+        );
+        let err = ClientProfile::parse(&json!({"ClientId": "Jane Doe"})).unwrap_err();
+        assert!(!err.to_string().contains("Jane"), "{err}");
+        let err = ClientProfile::parse(&json!({"Name": "Jane Doe"})).unwrap_err();
+        assert_eq!(err.to_string(), "missing required field `ClientId`");
+    }
+}

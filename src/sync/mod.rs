@@ -1,0 +1,3 @@
+//! Getting data in and through: the worker loop, pollers, resync, rebuild and import.
+
+pub mod poll;
