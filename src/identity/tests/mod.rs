@@ -1,8 +1,8 @@
 //! Table-driven tests of the public identity API: the evidence ladder and its guards, scores
-//! and blocking keys (`matching`). Normalisation and the nickname table are tested in their
-//! own modules. This file holds the shared fixtures.
+//! and blocking keys (`matching`), and survivorship (`survivorship`). Normalisation and the
+//! nickname table are tested in their own modules. This file holds the shared fixtures.
 
-use chrono::{DateTime, NaiveDate, TimeZone, Utc};
+use chrono::{DateTime, Duration, NaiveDate, TimeZone, Utc};
 
 use super::*;
 use crate::model::{
@@ -13,6 +13,7 @@ use crate::store::LinkMethod;
 use SourceKind::{Healthie, Hint, Intakeq};
 
 mod matching;
+mod survivorship;
 
 // ---------------------------------------------------------------------------------------------
 // Fixtures
@@ -90,6 +91,11 @@ impl P {
 
 pub(super) fn with_status(mut r: SourceRecord, status: RecordStatus) -> SourceRecord {
     r.status = status;
+    r
+}
+
+pub(super) fn updated(mut r: SourceRecord, minutes: i64) -> SourceRecord {
+    r.source_updated_at = Some(t0() + Duration::minutes(minutes));
     r
 }
 
