@@ -1,0 +1,889 @@
+//! Matching-grade normalisation: names, emails, phones, addresses and sex, plus the placeholder
+//! values (test emails, 555-01xx numbers, 1900-01-01, "John Doe") that must carry no weight.
+//!
+//! These forms are for comparing records, not for display: the canonical row keeps names and
+//! addresses as a source gave them.
+
+use chrono::{Datelike, NaiveDate};
+use deunicode::deunicode;
+use phonenumber::Mode;
+
+use crate::model::Address;
+
+/// Region used to read phone numbers written without a country code.
+pub const DEFAULT_REGION: &str = "US";
+
+// ---------------------------------------------------------------------------------------------
+// Names
+
+/// Honorifics dropped from the front of a given name.
+const TITLES: &[&str] = &["mr", "mrs", "ms", "miss", "mx", "dr", "prof", "rev"];
+/// Generational and professional suffixes dropped from the end of a family name.
+const SUFFIXES: &[&str] = &["jr", "sr", "ii", "iii", "iv", "md", "phd", "dds", "esq"];
+/// Surname particles: part of the full name, but not distinctive on their own.
+const PARTICLES: &[&str] = &[
+    "de", "del", "della", "la", "le", "los", "las", "van", "von", "der", "den", "da", "di", "du",
+    "dos", "das", "y", "e", "st", "ter", "ten", "al", "el", "bin", "ibn", "mac",
+];
+
+/// Lowercase ASCII word tokens of a name: accents folded (José -> jose), apostrophes dropped
+/// (O'Brien -> obrien), every other non-letter splits (Garcia-Lopez -> garcia, lopez).
+pub fn name_tokens(s: &str) -> Vec<String> {
+    let folded = deunicode(s).to_lowercase();
+    let mut tokens = Vec::new();
+    let mut cur = String::new();
+    for c in folded.chars() {
+        if c.is_ascii_alphabetic() {
+            cur.push(c);
+        } else if matches!(c, '\'' | '`' | '\u{2019}') {
+            // Joined, not split: D'Angelo and DAngelo are one token.
+        } else if !cur.is_empty() {
+            tokens.push(std::mem::take(&mut cur));
+        }
+    }
+    if !cur.is_empty() {
+        tokens.push(cur);
+    }
+    tokens
+}
+
+/// A given (or preferred) name ready for comparison.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GivenName {
+    /// The first word ("mary" for "Mary Ann").
+    pub first: String,
+    /// All words joined ("maryann"); equal to `first` for one-word names.
+    pub joined: String,
+}
+
+/// Normalizes a given or preferred name; `None` when nothing usable is left.
+pub fn given_name(s: &str) -> Option<GivenName> {
+    let mut tokens = name_tokens(s);
+    if tokens.len() > 1 && TITLES.contains(&tokens[0].as_str()) {
+        tokens.remove(0);
+    }
+    let first = tokens.first()?.clone();
+    Some(GivenName {
+        joined: tokens.concat(),
+        first,
+    })
+}
+
+/// A family name ready for comparison.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FamilyName {
+    /// All words joined, suffixes dropped: "De La Cruz" and "Delacruz" are both "delacruz".
+    pub joined: String,
+    /// Distinctive words (no particles, at least two letters): "garcia", "lopez".
+    pub tokens: Vec<String>,
+}
+
+/// Normalizes a family name; `None` when nothing usable is left.
+pub fn family_name(s: &str) -> Option<FamilyName> {
+    let mut tokens = name_tokens(s);
+    while tokens.len() > 1 && SUFFIXES.contains(&tokens[tokens.len() - 1].as_str()) {
+        tokens.pop();
+    }
+    if tokens.is_empty() {
+        return None;
+    }
+    let mut distinct: Vec<String> = tokens
+        .iter()
+        .filter(|t| t.len() >= 2 && !PARTICLES.contains(&t.as_str()))
+        .cloned()
+        .collect();
+    if distinct.is_empty() {
+        distinct = vec![tokens.concat()];
+    }
+    distinct.dedup();
+    Some(FamilyName {
+        joined: tokens.concat(),
+        tokens: distinct,
+    })
+}
+
+/// Given names that stand for "no real name". Compared on the joined form.
+const PLACEHOLDER_GIVEN: &[&str] = &[
+    "unknown",
+    "unk",
+    "none",
+    "na",
+    "nn",
+    "noname",
+    "fnu",
+    "test",
+    "testpatient",
+    "patient",
+    "xxx",
+    "xx",
+    "x",
+    "babyboy",
+    "babygirl",
+    "baby",
+    "infant",
+    "newborn",
+    "anonymous",
+    "anon",
+    "notgiven",
+    "tbd",
+];
+/// Family names that stand for "no real name".
+const PLACEHOLDER_FAMILY: &[&str] = &[
+    "unknown",
+    "unk",
+    "none",
+    "na",
+    "nn",
+    "noname",
+    "lnu",
+    "test",
+    "testpatient",
+    "patient",
+    "xxx",
+    "xx",
+    "x",
+    "anonymous",
+    "anon",
+    "notgiven",
+    "tbd",
+    "dummy",
+];
+
+/// Whether a given name is a placeholder ("Unknown", "Test", "Baby Girl").
+pub fn is_placeholder_given(s: &str) -> bool {
+    given_name(s).map_or(true, |g| PLACEHOLDER_GIVEN.contains(&g.joined.as_str()))
+}
+
+/// Whether a family name is a placeholder ("Unknown", "Test").
+pub fn is_placeholder_family(s: &str) -> bool {
+    family_name(s).map_or(true, |f| PLACEHOLDER_FAMILY.contains(&f.joined.as_str()))
+}
+
+/// Whether a full name is a stock placeholder even though each half could be real
+/// ("John Doe", "Jane Doe", "Baby Doe", "Richard Roe").
+pub fn is_placeholder_full_name(given: &str, family: &str) -> bool {
+    let (Some(g), Some(f)) = (given_name(given), family_name(family)) else {
+        return false;
+    };
+    matches!(
+        (g.joined.as_str(), f.joined.as_str()),
+        ("john" | "jane" | "baby" | "johnny" | "janie", "doe")
+            | ("richard" | "jane", "roe")
+            | ("test", _)
+            | (_, "test")
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Email
+
+/// Trims and lowercases an email; `None` unless it looks like `local@domain.tld`. Nothing else
+/// is rewritten: gmail dots and `+tags` are kept, since folding them could merge two people.
+pub fn normalize_email(s: &str) -> Option<String> {
+    let e = s.trim().to_lowercase();
+    let (local, domain) = e.split_once('@')?;
+    let ok = !local.is_empty()
+        && !domain.contains('@')
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !e.chars().any(char::is_whitespace);
+    ok.then_some(e)
+}
+
+/// Local parts (digits and punctuation removed) that mean "no email".
+const PLACEHOLDER_EMAIL_LOCAL: &[&str] = &[
+    "test",
+    "noemail",
+    "none",
+    "no",
+    "na",
+    "nomail",
+    "noreply",
+    "donotreply",
+    "donotemail",
+    "nobody",
+    "null",
+    "unknown",
+    "email",
+    "fake",
+    "example",
+    "declined",
+    "refused",
+    "noaddress",
+    "patient",
+    "noemailprovided",
+    "noemailaddress",
+    "notprovided",
+    "unavailable",
+    "optout",
+    "noone",
+    "nothanks",
+    "xxx",
+    "x",
+    "asdf",
+];
+/// Domains that are reserved or stand for "no email".
+const PLACEHOLDER_EMAIL_DOMAINS: &[&str] = &[
+    "example.com",
+    "example.org",
+    "example.net",
+    "test.com",
+    "test.org",
+    "noemail.com",
+    "none.com",
+    "nomail.com",
+    "no.com",
+    "na.com",
+    "email.invalid",
+    "fake.com",
+    "noreply.com",
+    "donotreply.com",
+    "unknown.com",
+    "domain.com",
+    "mailinator.com",
+];
+
+/// Whether a normalized email is a placeholder (`test@…`, `noemail@…`, `…@example.com`).
+pub fn is_placeholder_email(email: &str) -> bool {
+    let Some((local, domain)) = email.split_once('@') else {
+        return true;
+    };
+    let alnum: String = local.chars().filter(char::is_ascii_alphanumeric).collect();
+    let letters: String = alnum.chars().filter(char::is_ascii_alphabetic).collect();
+    let same_char = alnum.len() >= 2 && alnum.bytes().all(|b| b == alnum.as_bytes()[0]);
+    alnum.is_empty()
+        || same_char
+        || PLACEHOLDER_EMAIL_LOCAL.contains(&letters.as_str())
+        || PLACEHOLDER_EMAIL_DOMAINS.contains(&domain)
+        || [".test", ".example", ".invalid", ".localhost", ".local"]
+            .iter()
+            .any(|tld| domain.ends_with(tld))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phone
+
+/// A phone number in E.164 (`+14155552671`), extension dropped; numbers without a country code
+/// are read in `region` (ISO 3166 alpha-2, e.g. `US`). `None` when it is not a valid number.
+pub fn phone_e164(raw: &str, region: &str) -> Option<String> {
+    let region = region
+        .trim()
+        .to_ascii_uppercase()
+        .parse::<phonenumber::country::Id>()
+        .ok();
+    let number = phonenumber::parse(region, raw).ok()?;
+    if !phonenumber::is_valid(&number) {
+        return None;
+    }
+    Some(number.format().mode(Mode::E164).to_string())
+}
+
+/// Whether a phone (raw or E.164) is an obvious placeholder: one repeated digit, a counting
+/// run (1234567890), or a North American fictional number (555-01xx, 555-1212).
+pub fn is_placeholder_phone(phone: &str) -> bool {
+    let digits: String = phone.chars().filter(char::is_ascii_digit).collect();
+    if digits.len() < 7 {
+        return true;
+    }
+    // National part: drop the North American country code when present.
+    let national = match digits.strip_prefix('1') {
+        Some(rest) if digits.len() == 11 => rest,
+        _ => digits.as_str(),
+    };
+    let first = national.as_bytes()[0];
+    let counting = [
+        "1234567890",
+        "0123456789",
+        "9876543210",
+        "123456789",
+        "1234567",
+    ];
+    if national.bytes().all(|b| b == first) || counting.iter().any(|c| national.ends_with(c)) {
+        return true;
+    }
+    if national.len() == 10 {
+        let (exchange, line) = (&national[3..6], &national[6..]);
+        if exchange == "555" && (line.starts_with("01") || line == "1212" || line == "5555") {
+            return true;
+        }
+        // Line numbers 0000 and exchanges 000 are never assigned.
+        if line == "0000" || exchange == "000" {
+            return true;
+        }
+    }
+    false
+}
+
+// ---------------------------------------------------------------------------------------------
+// Birth date
+
+/// Whether a birth date is a placeholder: 1900-01-01, 1901-01-01, or any date before 1900.
+pub fn is_placeholder_birth_date(d: NaiveDate) -> bool {
+    d.year() < 1900 || (d.month() == 1 && d.day() == 1 && (d.year() == 1900 || d.year() == 1901))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sex
+
+/// Maps a free-text sex to `male`, `female`, `other` or `unknown`. Values that describe a
+/// gender identity rather than a sex (transgender, non-binary) map to `other`.
+pub fn normalize_sex(s: &str) -> &'static str {
+    let v: String = deunicode(s)
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    match v.as_str() {
+        "m" | "male" | "man" | "boy" | "masculine" | "cismale" | "cisman" => "male",
+        "f" | "female" | "woman" | "girl" | "feminine" | "cisfemale" | "ciswoman" => "female",
+        ""
+        | "u"
+        | "unk"
+        | "unknown"
+        | "na"
+        | "none"
+        | "notspecified"
+        | "unspecified"
+        | "notknown"
+        | "declined"
+        | "declinetoanswer"
+        | "declinetostate"
+        | "prefernottosay"
+        | "prefernottoanswer"
+        | "choosenottodisclose"
+        | "notrecorded"
+        | "asku"
+        | "unkn" => "unknown",
+        _ => "other",
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Address
+
+/// An address reduced to what identifies a household.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AddressKey {
+    /// Street line with standard abbreviations, unit removed: "123 n main st".
+    pub line1: Option<String>,
+    /// Unit number without its designator: "4b" for "Apt. 4B" or "#4B".
+    pub unit: Option<String>,
+    pub city: Option<String>,
+    /// US ZIP cut to 5 digits; other postal codes lowercased without spaces.
+    pub zip: Option<String>,
+}
+
+/// Words that introduce a unit number.
+#[rustfmt::skip]
+const UNIT_DESIGNATORS: &[&str] = &[
+    "apt", "apartment", "unit", "ste", "suite", "#", "rm", "room", "fl", "floor", "bldg",
+    "building", "lot", "spc", "space", "trlr", "dept", "department", "box",
+];
+
+/// USPS street suffix and directional abbreviations (and a few common words).
+fn street_abbreviation(word: &str) -> &str {
+    match word {
+        "street" | "str" | "saint" => "st",
+        "avenue" | "av" | "aven" | "avn" => "ave",
+        "road" => "rd",
+        "boulevard" | "boul" | "blv" => "blvd",
+        "drive" | "drv" => "dr",
+        "lane" => "ln",
+        "court" => "ct",
+        "place" => "pl",
+        "terrace" => "ter",
+        "circle" | "circ" => "cir",
+        "highway" | "hiway" => "hwy",
+        "parkway" | "pkway" => "pkwy",
+        "square" => "sq",
+        "trail" => "trl",
+        "expressway" => "expy",
+        "freeway" => "fwy",
+        "crossing" => "xing",
+        "point" => "pt",
+        "mount" => "mt",
+        "fort" => "ft",
+        "north" => "n",
+        "south" => "s",
+        "east" => "e",
+        "west" => "w",
+        "northeast" => "ne",
+        "northwest" => "nw",
+        "southeast" => "se",
+        "southwest" => "sw",
+        other => other,
+    }
+}
+
+/// Street lines that stand for "no address".
+const PLACEHOLDER_LINE1: &[&str] = &[
+    "unknown",
+    "none",
+    "na",
+    "n a",
+    "homeless",
+    "no address",
+    "general delivery",
+    "not given",
+    "declined",
+    "test",
+    "xxx",
+    "123 fake st",
+];
+
+/// Normalizes an address for matching: case, accents, punctuation, street abbreviations, unit
+/// split from the street line (line2 read as a unit), ZIP to 5 digits.
+pub fn normalize_address(a: &Address) -> AddressKey {
+    let joined = [a.line1.as_deref(), a.line2.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" , ");
+    let (line1, unit) = split_street(&joined);
+    let line1 = line1.filter(|l| !PLACEHOLDER_LINE1.contains(&l.as_str()));
+    let city = a
+        .city
+        .as_deref()
+        .map(|c| name_tokens(c).join(" "))
+        .filter(|c| !c.is_empty());
+    let zip = a
+        .postal_code
+        .as_deref()
+        .and_then(|z| normalize_zip(z, a.country.as_deref()));
+    AddressKey {
+        line1,
+        unit,
+        city,
+        zip,
+    }
+}
+
+/// ZIP+4 and ZIP to five digits; other postal codes lowercased with spaces removed.
+pub fn normalize_zip(postal_code: &str, country: Option<&str>) -> Option<String> {
+    let compact: String = postal_code
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    let us = country.map_or(true, |c| {
+        matches!(
+            c.trim().to_ascii_lowercase().as_str(),
+            "" | "us" | "usa" | "united states" | "united states of america"
+        )
+    });
+    if us && compact.len() >= 5 && compact.bytes().all(|b| b.is_ascii_digit()) {
+        let zip = &compact[..5];
+        return (zip != "00000" && zip != "99999").then(|| zip.to_string());
+    }
+    (!compact.is_empty()).then_some(compact)
+}
+
+/// Splits a street line into (street, unit).
+fn split_street(s: &str) -> (Option<String>, Option<String>) {
+    let folded = deunicode(s).to_lowercase();
+    // '#' is a unit marker; commas end a part (a unit part may follow); other punctuation
+    // disappears, hyphens join (123-B -> 123b).
+    let mut words: Vec<String> = Vec::new();
+    let mut cur = String::new();
+    for c in folded.chars() {
+        match c {
+            c if c.is_ascii_alphanumeric() => cur.push(c),
+            '-' | '\'' | '.' => {
+                if c == '.' && !cur.is_empty() {
+                    words.push(std::mem::take(&mut cur));
+                }
+            }
+            '#' | ',' => {
+                if !cur.is_empty() {
+                    words.push(std::mem::take(&mut cur));
+                }
+                words.push(c.to_string());
+            }
+            _ => {
+                if !cur.is_empty() {
+                    words.push(std::mem::take(&mut cur));
+                }
+            }
+        }
+    }
+    if !cur.is_empty() {
+        words.push(cur);
+    }
+    // "p o box" and "post office box" -> "po box".
+    let mut merged: Vec<String> = Vec::with_capacity(words.len());
+    let mut i = 0;
+    while i < words.len() {
+        let pair = (words[i].as_str(), words.get(i + 1).map(String::as_str));
+        match pair {
+            ("p", Some("o")) | ("post", Some("office")) => {
+                merged.push("po".into());
+                i += 2;
+            }
+            _ => {
+                merged.push(words[i].clone());
+                i += 1;
+            }
+        }
+    }
+
+    let mut street: Vec<String> = Vec::new();
+    let mut unit: Vec<String> = Vec::new();
+    let mut in_unit = false;
+    for (pos, w) in merged.iter().enumerate() {
+        if w == "," {
+            // After a comma, a bare number or a designator is a unit (line2 "4B").
+            in_unit = false;
+            let next = merged.get(pos + 1).map(String::as_str);
+            if let Some(next) = next {
+                if !street.is_empty()
+                    && (UNIT_DESIGNATORS.contains(&next)
+                        || next.bytes().any(|b| b.is_ascii_digit()))
+                    && !(next == "box" && street.last().is_some_and(|l| l == "po"))
+                {
+                    in_unit = true;
+                }
+            }
+            continue;
+        }
+        let is_designator = UNIT_DESIGNATORS.contains(&w.as_str())
+            && !(w == "box" && street.last().is_some_and(|l| l == "po"))
+            && !street.is_empty();
+        if is_designator {
+            in_unit = true;
+            continue;
+        }
+        if in_unit {
+            unit.push(w.clone());
+        } else {
+            street.push(street_abbreviation(w).to_string());
+        }
+    }
+    let street = (!street.is_empty()).then(|| street.join(" "));
+    let unit = (!unit.is_empty()).then(|| unit.concat());
+    (street, unit)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phonetic code
+
+/// American Soundex of a normalized (ASCII lowercase) word: "robert" -> "r163".
+pub fn soundex(word: &str) -> Option<String> {
+    fn code(c: u8) -> u8 {
+        match c {
+            b'b' | b'f' | b'p' | b'v' => b'1',
+            b'c' | b'g' | b'j' | b'k' | b'q' | b's' | b'x' | b'z' => b'2',
+            b'd' | b't' => b'3',
+            b'l' => b'4',
+            b'm' | b'n' => b'5',
+            b'r' => b'6',
+            b'h' | b'w' => b'h',
+            _ => b'0', // vowels and y
+        }
+    }
+    let bytes: Vec<u8> = word.bytes().filter(u8::is_ascii_lowercase).collect();
+    let (&first, rest) = bytes.split_first()?;
+    let mut out = vec![first];
+    let mut last = code(first);
+    for &c in rest {
+        let k = code(c);
+        match k {
+            // h and w do not separate letters with the same code.
+            b'h' => continue,
+            b'0' => last = b'0',
+            _ => {
+                if k != last {
+                    out.push(k);
+                }
+                last = k;
+            }
+        }
+        if out.len() == 4 {
+            break;
+        }
+    }
+    while out.len() < 4 {
+        out.push(b'0');
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn date(y: i32, m: u32, d: u32) -> NaiveDate {
+        NaiveDate::from_ymd_opt(y, m, d).unwrap()
+    }
+
+    #[test]
+    fn names_fold_case_accents_and_punctuation() {
+        let cases: &[(&str, &[&str])] = &[
+            ("José", &["jose"]),
+            ("  MARY-ann ", &["mary", "ann"]),
+            ("O'Brien", &["obrien"]),
+            ("D’Angelo", &["dangelo"]),
+            ("Zoë", &["zoe"]),
+            ("St. John", &["st", "john"]),
+            ("Nguyễn", &["nguyen"]),
+            ("", &[]),
+        ];
+        for (input, want) in cases {
+            assert_eq!(name_tokens(input), *want, "{input}");
+        }
+    }
+
+    #[test]
+    fn family_names_keep_tokens_for_multi_part_surnames() {
+        let f = family_name("García-López").unwrap();
+        assert_eq!(f.joined, "garcialopez");
+        assert_eq!(f.tokens, vec!["garcia", "lopez"]);
+        let f = family_name("de la Cruz").unwrap();
+        assert_eq!(f.joined, "delacruz");
+        assert_eq!(f.tokens, vec!["cruz"]);
+        assert_eq!(family_name("Delacruz").unwrap().joined, "delacruz");
+        let f = family_name("Smith Jr.").unwrap();
+        assert_eq!(f.joined, "smith");
+        assert_eq!(family_name("Van Der Berg").unwrap().tokens, vec!["berg"]);
+        assert!(family_name("--").is_none());
+    }
+
+    #[test]
+    fn given_names_drop_titles_and_join_words() {
+        let g = given_name("Dr. Mary Ann").unwrap();
+        assert_eq!(g.first, "mary");
+        assert_eq!(g.joined, "maryann");
+        assert_eq!(given_name("Dr").unwrap().first, "dr");
+    }
+
+    #[test]
+    fn placeholder_names_are_recognised() {
+        assert!(is_placeholder_given("Unknown"));
+        assert!(is_placeholder_given("Baby Girl"));
+        assert!(is_placeholder_given("TEST"));
+        assert!(is_placeholder_given("  "));
+        assert!(!is_placeholder_given("Robert"));
+        assert!(is_placeholder_family("UNKNOWN"));
+        assert!(!is_placeholder_family("Doe"));
+        assert!(is_placeholder_full_name("John", "Doe"));
+        assert!(is_placeholder_full_name("Jane", "DOE"));
+        assert!(is_placeholder_full_name("Test", "Patient"));
+        assert!(!is_placeholder_full_name("Mary", "Doe"));
+        assert!(!is_placeholder_full_name("John", "Smith"));
+    }
+
+    #[test]
+    fn emails_are_trimmed_and_lowercased_only() {
+        let cases = [
+            (
+                "  Jane.Doe+clinic@Gmail.COM ",
+                Some("jane.doe+clinic@gmail.com"),
+            ),
+            ("j.d@gmail.com", Some("j.d@gmail.com")),
+            ("no-at-sign", None),
+            ("a@b", None),
+            ("a b@c.com", None),
+            ("@c.com", None),
+            ("a@@c.com", None),
+        ];
+        for (input, want) in cases {
+            assert_eq!(normalize_email(input).as_deref(), want, "{input}");
+        }
+    }
+
+    #[test]
+    fn placeholder_emails_are_recognised() {
+        for e in [
+            "test@gmail.com",
+            "noemail@clinic.com",
+            "no.email123@yahoo.com",
+            "none@none.com",
+            "someone@example.com",
+            "jane@test.com",
+            "x@x.com",
+            "aaaa@gmail.com",
+            "jane@clinic.test",
+            "0000@gmail.com",
+            "...@gmail.com",
+        ] {
+            assert!(is_placeholder_email(e), "{e}");
+        }
+        for e in [
+            "jane.doe@gmail.com",
+            "bob@clinic.com",
+            "testa.rossi@gmail.com",
+            "12345678@qq.com",
+        ] {
+            assert!(!is_placeholder_email(e), "{e}");
+        }
+    }
+
+    #[test]
+    fn phones_become_e164_without_extension() {
+        let cases = [
+            ("(415) 555-2671", "US", Some("+14155552671")),
+            ("415.555.2671 ext. 12", "US", Some("+14155552671")),
+            ("4155552671x99", "us", Some("+14155552671")),
+            ("+1 415 555 2671", "US", Some("+14155552671")),
+            ("1-415-555-2671", "US", Some("+14155552671")),
+            ("+44 20 7946 0958", "US", Some("+442079460958")),
+            ("020 7946 0958", "GB", Some("+442079460958")),
+            ("555-1234", "US", None),
+            ("1234567890", "US", None),
+            ("0000000000", "US", None),
+            ("not a phone", "US", None),
+            ("", "US", None),
+        ];
+        for (raw, region, want) in cases {
+            assert_eq!(phone_e164(raw, region).as_deref(), want, "{raw}");
+        }
+    }
+
+    #[test]
+    fn placeholder_phones_are_recognised() {
+        for p in [
+            "+12125550123",
+            "(212) 555-0199",
+            "+12125551212",
+            "1111111111",
+            "+19999999999",
+            "1234567890",
+            "+11234567890",
+            "555",
+        ] {
+            assert!(is_placeholder_phone(p), "{p}");
+        }
+        for p in ["+14155552671", "+12125550200", "+442079460958"] {
+            assert!(!is_placeholder_phone(p), "{p}");
+        }
+    }
+
+    #[test]
+    fn placeholder_birth_dates_are_recognised() {
+        assert!(is_placeholder_birth_date(date(1900, 1, 1)));
+        assert!(is_placeholder_birth_date(date(1901, 1, 1)));
+        assert!(is_placeholder_birth_date(date(1850, 6, 1)));
+        assert!(!is_placeholder_birth_date(date(1901, 1, 2)));
+        assert!(!is_placeholder_birth_date(date(1980, 1, 1)));
+    }
+
+    #[test]
+    fn sex_maps_to_four_values() {
+        let cases = [
+            ("M", "male"),
+            ("Male", "male"),
+            (" female ", "female"),
+            ("F", "female"),
+            ("Woman", "female"),
+            ("intersex", "other"),
+            ("Non-binary", "other"),
+            ("Transgender female", "other"),
+            ("", "unknown"),
+            ("U", "unknown"),
+            ("Prefer not to say", "unknown"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(normalize_sex(input), want, "{input}");
+        }
+    }
+
+    fn addr(line1: &str, line2: Option<&str>, zip: &str) -> Address {
+        Address {
+            line1: Some(line1.into()),
+            line2: line2.map(Into::into),
+            city: Some("Springfield".into()),
+            state: Some("IL".into()),
+            postal_code: Some(zip.into()),
+            country: None,
+        }
+    }
+
+    #[test]
+    fn addresses_use_standard_abbreviations_and_split_units() {
+        let cases = [
+            (
+                addr("123 North Main Street", None, "62704-1234"),
+                "123 n main st",
+                None,
+                "62704",
+            ),
+            (
+                addr("123 N. Main St., Apt. 4B", None, "62704"),
+                "123 n main st",
+                Some("4b"),
+                "62704",
+            ),
+            (
+                addr("123 n main st #4b", None, "62704"),
+                "123 n main st",
+                Some("4b"),
+                "62704",
+            ),
+            (
+                addr("123 Main Street", Some("Suite 200"), "62704"),
+                "123 main st",
+                Some("200"),
+                "62704",
+            ),
+            (
+                addr("123 Main Street", Some("4B"), "62704"),
+                "123 main st",
+                Some("4b"),
+                "62704",
+            ),
+            (
+                addr("500 Sunset Boulevard Unit 7", None, "90028"),
+                "500 sunset blvd",
+                Some("7"),
+                "90028",
+            ),
+            (
+                addr("P.O. Box 77", None, "62704"),
+                "po box 77",
+                None,
+                "62704",
+            ),
+            (
+                addr("9 Elm Avenue", None, "02134"),
+                "9 elm ave",
+                None,
+                "02134",
+            ),
+        ];
+        for (input, line1, unit, zip) in cases {
+            let key = normalize_address(&input);
+            assert_eq!(key.line1.as_deref(), Some(line1), "{input:?}");
+            assert_eq!(key.unit.as_deref(), unit, "{input:?}");
+            assert_eq!(key.zip.as_deref(), Some(zip), "{input:?}");
+        }
+        assert_eq!(
+            normalize_zip("K1A 0B6", Some("CA")).as_deref(),
+            Some("k1a0b6")
+        );
+        assert_eq!(
+            normalize_address(&addr("Unknown", None, "00000")),
+            AddressKey {
+                city: Some("springfield".into()),
+                ..AddressKey::default()
+            }
+        );
+    }
+
+    #[test]
+    fn soundex_codes_match_the_standard() {
+        let cases = [
+            ("robert", "r163"),
+            ("rupert", "r163"),
+            ("ashcraft", "a261"),
+            ("tymczak", "t522"),
+            ("pfister", "p236"),
+            ("smith", "s530"),
+            ("smyth", "s530"),
+            ("lee", "l000"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(soundex(input).as_deref(), Some(want), "{input}");
+        }
+        assert_eq!(soundex(""), None);
+    }
+}

@@ -1,0 +1,584 @@
+//! Fellegi-Sunter scoring of a pair of records: each field is compared into a level (exact,
+//! nickname, typo, disagree, missing, ...) and each level carries the weight log2(m/u), where
+//! m = P(level | same person) and u = P(level | different people among blocked pairs). The
+//! total is the log2 Bayes factor of "same person". Missing and placeholder values weigh 0.
+//!
+//! The m/u values below are priors for a US outpatient population, not estimates from data;
+//! they were chosen so that the scenarios in the tests land on the intended side of the
+//! default thresholds (see `MatchConfig`). Email, phone and address are correlated within a
+//! household, so their positive weights are capped together (`CONTACT_CAP_BITS`).
+//!
+//! Comparison levels also feed the hard guards in `decide`: no automatic link without a
+//! compatible given name, an agreeing birth date and no sex disagreement.
+
+use std::collections::BTreeSet;
+
+use chrono::{Datelike, NaiveDate};
+
+use super::decide::MatchConfig;
+use super::nicknames;
+use super::normalize::{self, AddressKey, FamilyName, GivenName};
+use crate::model::PersonFields;
+
+/// An `(m, u)` pair: probability of the level among true matches and among non-matches.
+type MU = (f64, f64);
+
+const GIVEN_EXACT: MU = (0.85, 0.006); // +7.15
+const GIVEN_ALIAS: MU = (0.06, 0.0015); // +5.32 nickname, spelling variant, preferred/legal
+const GIVEN_FUZZY: MU = (0.05, 0.003); // +4.06 Jaro-Winkler >= 0.9
+const GIVEN_INITIAL: MU = (0.01, 0.004); // +1.32 one side is an initial
+const GIVEN_DISAGREE: MU = (0.03, 0.985); // -5.04
+
+const FAMILY_EXACT: MU = (0.85, 0.002); // +8.73
+const FAMILY_TOKEN: MU = (0.04, 0.001); // +5.32 shares a word of a multi-part surname
+const FAMILY_FUZZY: MU = (0.05, 0.003); // +4.06 Jaro-Winkler >= 0.9 or one edit
+const FAMILY_DISAGREE: MU = (0.06, 0.994); // -4.05 (marriage, hyphenation)
+
+const DOB_EXACT: MU = (0.92, 0.0002); // +12.17
+const DOB_TRANSPOSED: MU = (0.01, 0.0001); // +6.64 day and month swapped
+const DOB_DAY_OFF: MU = (0.01, 0.0002); // +5.64 one day apart (time-zone shifted dates)
+const DOB_YEAR_OFF: MU = (0.01, 0.0003); // +5.06 same day and month, year +-1
+const DOB_ONE_DIGIT: MU = (0.03, 0.002); // +3.91 one digit differs (not in the century or decade)
+const DOB_DISAGREE: MU = (0.02, 0.997); // -5.64
+
+const SEX_AGREE: MU = (0.98, 0.5); // +0.97
+const SEX_DISAGREE: MU = (0.02, 0.5); // -4.64
+
+const EMAIL_AGREE: MU = (0.85, 0.0005); // +10.73
+const EMAIL_DISAGREE: MU = (0.15, 0.9995); // -2.74
+const PHONE_AGREE: MU = (0.8, 0.0005); // +10.64 any number in common
+const PHONE_DISAGREE: MU = (0.2, 0.9995); // -2.32 no number in common
+const ADDRESS_EXACT: MU = (0.7, 0.0005); // +10.45 same street line (and unit) and ZIP
+const ADDRESS_FUZZY: MU = (0.08, 0.001); // +6.32 street line JW >= 0.92, same ZIP
+const ADDRESS_AREA: MU = (0.1, 0.02); // +2.32 same ZIP only, or same building, other unit
+const ADDRESS_DISAGREE: MU = (0.12, 0.979); // -3.03
+
+/// Upper bound on the summed positive weight of email, phone and address: one household shares
+/// all three, so together they are evidence of the household, not thrice of the person.
+pub const CONTACT_CAP_BITS: f64 = 12.0;
+
+const GIVEN_FUZZY_JW: f64 = 0.9;
+const FAMILY_FUZZY_JW: f64 = 0.9;
+const ADDRESS_FUZZY_JW: f64 = 0.92;
+
+fn weight((m, u): MU) -> f64 {
+    (m / u).log2()
+}
+
+/// How one field compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum NameLevel {
+    Missing,
+    Disagree,
+    Initial,
+    Fuzzy,
+    /// Nickname, spelling variant or preferred/legal equivalence.
+    Alias,
+    /// For family names: one word of a multi-part surname in common.
+    Token,
+    Exact,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DateLevel {
+    Missing,
+    Exact,
+    Transposed,
+    DayOff,
+    YearOff,
+    OneDigit,
+    Disagree,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Agreement {
+    Missing,
+    Agree,
+    Disagree,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AddressLevel {
+    Missing,
+    Exact,
+    Fuzzy,
+    Area,
+    Disagree,
+}
+
+/// One field's share of a score.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Contribution {
+    /// `given_name`, `family_name`, `birth_date`, `sex`, `email`, `phone`, `address`, or
+    /// `contact_cap` (the household cap, a negative adjustment).
+    pub field: &'static str,
+    /// The comparison level, e.g. `exact`, `nickname`, `transposed`, `disagree`, `missing`.
+    pub level: &'static str,
+    /// log2(m/u) bits; 0 for missing or placeholder values.
+    pub weight: f64,
+}
+
+/// A pair's score with its per-field contributions. Carries no field values, only names,
+/// levels and weights, so it is safe to log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MatchScore {
+    pub total: f64,
+    pub contributions: Vec<Contribution>,
+}
+
+/// Settings derived once from a `MatchConfig`.
+pub(crate) struct Context<'a> {
+    region: &'a str,
+    shared_phones: BTreeSet<String>,
+    shared_emails: BTreeSet<String>,
+}
+
+impl<'a> Context<'a> {
+    pub fn new(cfg: &'a MatchConfig) -> Self {
+        let region = cfg.default_region.as_str();
+        Context {
+            region,
+            shared_phones: cfg
+                .shared_phones
+                .iter()
+                .filter_map(|p| normalize::phone_e164(p, region))
+                .collect(),
+            shared_emails: cfg
+                .shared_emails
+                .iter()
+                .filter_map(|e| normalize::normalize_email(e))
+                .collect(),
+        }
+    }
+
+    /// A usable email: valid, not a placeholder, not a clinic's shared address.
+    pub fn email(&self, raw: &str) -> Option<String> {
+        normalize::normalize_email(raw)
+            .filter(|e| !normalize::is_placeholder_email(e) && !self.shared_emails.contains(e))
+    }
+
+    /// A usable phone in E.164: valid, not a placeholder, not a clinic's shared number.
+    pub fn phone(&self, raw: &str) -> Option<String> {
+        if normalize::is_placeholder_phone(raw) {
+            return None;
+        }
+        normalize::phone_e164(raw, self.region)
+            .filter(|p| !normalize::is_placeholder_phone(p) && !self.shared_phones.contains(p))
+    }
+}
+
+/// The matching view of one record: normalized, placeholders and shared contacts removed.
+pub(crate) struct Profile {
+    /// Legal given name, then the preferred one when it differs.
+    pub given: Vec<GivenName>,
+    pub family: Option<FamilyName>,
+    pub birth_date: Option<NaiveDate>,
+    /// `male` or `female`; other values do not take part in matching.
+    pub sex: Option<&'static str>,
+    pub email: Option<String>,
+    /// Sorted, deduplicated E.164 numbers.
+    pub phones: Vec<String>,
+    pub address: Option<AddressKey>,
+}
+
+impl Profile {
+    pub fn new(f: &PersonFields, ctx: &Context<'_>) -> Self {
+        let placeholder_person = match (f.given_name.as_deref(), f.family_name.as_deref()) {
+            (Some(g), Some(fam)) => normalize::is_placeholder_full_name(g, fam),
+            _ => false,
+        };
+        let mut given = Vec::new();
+        let mut family = None;
+        if !placeholder_person {
+            for name in [f.given_name.as_deref(), f.preferred_name.as_deref()]
+                .into_iter()
+                .flatten()
+            {
+                if normalize::is_placeholder_given(name) {
+                    continue;
+                }
+                if let Some(g) = normalize::given_name(name) {
+                    if !given.contains(&g) {
+                        given.push(g);
+                    }
+                }
+            }
+            family = f
+                .family_name
+                .as_deref()
+                .filter(|s| !normalize::is_placeholder_family(s))
+                .and_then(normalize::family_name);
+        }
+        let sex = f
+            .sex
+            .as_deref()
+            .map(normalize::normalize_sex)
+            .filter(|s| matches!(*s, "male" | "female"));
+        let mut phones: Vec<String> = f.phones.iter().filter_map(|p| ctx.phone(p)).collect();
+        phones.sort();
+        phones.dedup();
+        let address = Some(normalize::normalize_address(&f.address))
+            .filter(|a| a.line1.is_some() || a.zip.is_some());
+        Profile {
+            given,
+            family,
+            birth_date: f
+                .birth_date
+                .filter(|d| !normalize::is_placeholder_birth_date(*d)),
+            sex,
+            email: f.email.as_deref().and_then(|e| ctx.email(e)),
+            phones,
+            address,
+        }
+    }
+}
+
+/// Field-by-field comparison of two profiles.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Comparison {
+    pub given: NameLevel,
+    pub family: NameLevel,
+    pub birth_date: DateLevel,
+    pub sex: Agreement,
+    pub email: Agreement,
+    pub phone: Agreement,
+    pub address: AddressLevel,
+    /// Both ZIP codes present and equal.
+    pub zip_agrees: bool,
+}
+
+impl Comparison {
+    pub fn new(a: &Profile, b: &Profile) -> Self {
+        let zip_agrees = matches!(
+            (a.address.as_ref().and_then(|x| x.zip.as_ref()), b.address.as_ref().and_then(|x| x.zip.as_ref())),
+            (Some(x), Some(y)) if x == y
+        );
+        Comparison {
+            given: compare_given(&a.given, &b.given),
+            family: compare_family(a.family.as_ref(), b.family.as_ref()),
+            birth_date: compare_dates(a.birth_date, b.birth_date),
+            sex: agreement(a.sex, b.sex),
+            email: agreement(a.email.as_deref(), b.email.as_deref()),
+            phone: if a.phones.is_empty() || b.phones.is_empty() {
+                Agreement::Missing
+            } else if a.phones.iter().any(|p| b.phones.contains(p)) {
+                Agreement::Agree
+            } else {
+                Agreement::Disagree
+            },
+            address: compare_addresses(a.address.as_ref(), b.address.as_ref()),
+            zip_agrees,
+        }
+    }
+
+    /// Given names that may belong to one person (exact, alias, typo or initial).
+    pub fn given_compatible(&self) -> bool {
+        matches!(
+            self.given,
+            NameLevel::Exact | NameLevel::Alias | NameLevel::Fuzzy | NameLevel::Initial
+        )
+    }
+
+    pub fn family_compatible(&self) -> bool {
+        matches!(
+            self.family,
+            NameLevel::Exact | NameLevel::Token | NameLevel::Fuzzy
+        )
+    }
+
+    /// Birth dates present on both sides that are the same date, possibly written differently
+    /// (day and month swapped, or a day apart from a time-zone shift). A year or digit typo
+    /// scores, but is not agreement: a relative with the same name differs just so.
+    pub fn birth_date_agrees(&self) -> bool {
+        matches!(
+            self.birth_date,
+            DateLevel::Exact | DateLevel::Transposed | DateLevel::DayOff
+        )
+    }
+
+    /// The guard every automatic link must pass: compatible given names, agreeing birth dates
+    /// and no sex disagreement. Twins (incompatible given names) and relatives sharing a
+    /// phone or email (different given names or birth dates) fail it, whatever the score.
+    pub fn allows_auto_link(&self) -> bool {
+        self.given_compatible() && self.birth_date_agrees() && self.sex != Agreement::Disagree
+    }
+
+    /// The first deterministic rule this pair satisfies.
+    pub fn rule(&self) -> Option<&'static str> {
+        let names_dob = self.given_compatible()
+            && self.family_compatible()
+            && self.birth_date == DateLevel::Exact
+            && self.sex != Agreement::Disagree;
+        if names_dob && self.email == Agreement::Agree {
+            return Some(RULE_EMAIL_DOB_NAME);
+        }
+        if names_dob && self.phone == Agreement::Agree {
+            return Some(RULE_PHONE_DOB_NAME);
+        }
+        let strict_names = matches!(self.given, NameLevel::Exact | NameLevel::Alias)
+            && self.family == NameLevel::Exact;
+        if strict_names && names_dob && self.zip_agrees {
+            return Some(RULE_NAME_DOB_ZIP);
+        }
+        None
+    }
+
+    /// Demographics that an explicit id cannot override: given names or birth dates that
+    /// disagree outright (a mistyped id pointing at a twin or a relative).
+    pub fn contradicts(&self) -> bool {
+        self.given == NameLevel::Disagree || self.birth_date == DateLevel::Disagree
+    }
+
+    pub fn score(&self) -> MatchScore {
+        let mut contributions = Vec::with_capacity(8);
+        let mut push = |field: &'static str, level: &'static str, mu: Option<MU>| {
+            contributions.push(Contribution {
+                field,
+                level,
+                weight: mu.map_or(0.0, weight),
+            });
+        };
+        let (level, mu) = match self.given {
+            NameLevel::Exact => ("exact", Some(GIVEN_EXACT)),
+            NameLevel::Alias => ("nickname", Some(GIVEN_ALIAS)),
+            NameLevel::Fuzzy => ("fuzzy", Some(GIVEN_FUZZY)),
+            NameLevel::Initial => ("initial", Some(GIVEN_INITIAL)),
+            NameLevel::Disagree => ("disagree", Some(GIVEN_DISAGREE)),
+            NameLevel::Token | NameLevel::Missing => ("missing", None),
+        };
+        push("given_name", level, mu);
+        let (level, mu) = match self.family {
+            NameLevel::Exact => ("exact", Some(FAMILY_EXACT)),
+            NameLevel::Token => ("token", Some(FAMILY_TOKEN)),
+            NameLevel::Fuzzy | NameLevel::Alias | NameLevel::Initial => {
+                ("fuzzy", Some(FAMILY_FUZZY))
+            }
+            NameLevel::Disagree => ("disagree", Some(FAMILY_DISAGREE)),
+            NameLevel::Missing => ("missing", None),
+        };
+        push("family_name", level, mu);
+        let (level, mu) = match self.birth_date {
+            DateLevel::Exact => ("exact", Some(DOB_EXACT)),
+            DateLevel::Transposed => ("transposed", Some(DOB_TRANSPOSED)),
+            DateLevel::DayOff => ("day_off_by_one", Some(DOB_DAY_OFF)),
+            DateLevel::YearOff => ("year_off_by_one", Some(DOB_YEAR_OFF)),
+            DateLevel::OneDigit => ("one_digit", Some(DOB_ONE_DIGIT)),
+            DateLevel::Disagree => ("disagree", Some(DOB_DISAGREE)),
+            DateLevel::Missing => ("missing", None),
+        };
+        push("birth_date", level, mu);
+        let (level, mu) = agreement_weight(self.sex, SEX_AGREE, SEX_DISAGREE);
+        push("sex", level, mu);
+        let (level, mu) = agreement_weight(self.email, EMAIL_AGREE, EMAIL_DISAGREE);
+        push("email", level, mu);
+        let (level, mu) = agreement_weight(self.phone, PHONE_AGREE, PHONE_DISAGREE);
+        push("phone", level, mu);
+        let (level, mu) = match self.address {
+            AddressLevel::Exact => ("exact", Some(ADDRESS_EXACT)),
+            AddressLevel::Fuzzy => ("fuzzy", Some(ADDRESS_FUZZY)),
+            AddressLevel::Area => ("same_area", Some(ADDRESS_AREA)),
+            AddressLevel::Disagree => ("disagree", Some(ADDRESS_DISAGREE)),
+            AddressLevel::Missing => ("missing", None),
+        };
+        push("address", level, mu);
+
+        let contact: f64 = contributions
+            .iter()
+            .filter(|c| matches!(c.field, "email" | "phone" | "address") && c.weight > 0.0)
+            .map(|c| c.weight)
+            .sum();
+        if contact > CONTACT_CAP_BITS {
+            contributions.push(Contribution {
+                field: "contact_cap",
+                level: "household",
+                weight: CONTACT_CAP_BITS - contact,
+            });
+        }
+        let total = contributions.iter().map(|c| c.weight).sum();
+        MatchScore {
+            total,
+            contributions,
+        }
+    }
+}
+
+pub(crate) const RULE_EMAIL_DOB_NAME: &str = "email_dob_name";
+pub(crate) const RULE_PHONE_DOB_NAME: &str = "phone_dob_name";
+pub(crate) const RULE_NAME_DOB_ZIP: &str = "name_dob_zip";
+
+fn agreement_weight(a: Agreement, agree: MU, disagree: MU) -> (&'static str, Option<MU>) {
+    match a {
+        Agreement::Agree => ("agree", Some(agree)),
+        Agreement::Disagree => ("disagree", Some(disagree)),
+        Agreement::Missing => ("missing", None),
+    }
+}
+
+fn agreement<T: PartialEq>(a: Option<T>, b: Option<T>) -> Agreement {
+    match (a, b) {
+        (Some(x), Some(y)) if x == y => Agreement::Agree,
+        (Some(_), Some(_)) => Agreement::Disagree,
+        _ => Agreement::Missing,
+    }
+}
+
+/// Best level over every pair of given-name forms (legal and preferred on both sides).
+fn compare_given(a: &[GivenName], b: &[GivenName]) -> NameLevel {
+    let mut best = NameLevel::Missing;
+    for x in a {
+        for y in b {
+            best = best.max(given_pair(x, y));
+        }
+    }
+    best
+}
+
+fn given_pair(x: &GivenName, y: &GivenName) -> NameLevel {
+    if x.joined == y.joined {
+        return NameLevel::Exact;
+    }
+    if x.first == y.first {
+        // "Mary" vs "Mary Ann" is the same name written shorter; "Mary Ann" vs "Mary Beth"
+        // is two names.
+        let x_single = x.first == x.joined;
+        let y_single = y.first == y.joined;
+        return if x_single || y_single {
+            NameLevel::Exact
+        } else {
+            NameLevel::Disagree
+        };
+    }
+    if nicknames::are_aliases(&x.first, &y.first) || nicknames::are_aliases(&x.joined, &y.joined) {
+        return NameLevel::Alias;
+    }
+    if (x.joined.len() == 1 || y.joined.len() == 1) && x.first[..1] == y.first[..1] {
+        return NameLevel::Initial;
+    }
+    let fuzzy = |p: &str, q: &str| {
+        p.len() > 1
+            && q.len() > 1
+            && strsim::jaro_winkler(p, q) >= GIVEN_FUZZY_JW
+            && !gendered_variant(p, q)
+    };
+    if fuzzy(&x.joined, &y.joined) || fuzzy(&x.first, &y.first) {
+        return NameLevel::Fuzzy;
+    }
+    NameLevel::Disagree
+}
+
+/// Endings that turn a name into its other-gender form (Paul/Paula, Daniel/Danielle,
+/// Francis/Frances, Julian/Julia): close in spelling, yet two people.
+const GENDERED_ENDINGS: &[&str] = &[
+    "", "a", "e", "o", "ie", "ia", "ina", "ine", "ette", "elle", "le", "lle", "is", "es", "us",
+    "n", "na", "ne",
+];
+
+fn gendered_variant(a: &str, b: &str) -> bool {
+    let prefix = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
+    if prefix < 3 {
+        return false;
+    }
+    let (ta, tb) = (&a[prefix..], &b[prefix..]);
+    ta != tb && GENDERED_ENDINGS.contains(&ta) && GENDERED_ENDINGS.contains(&tb)
+}
+
+fn compare_family(a: Option<&FamilyName>, b: Option<&FamilyName>) -> NameLevel {
+    let (Some(a), Some(b)) = (a, b) else {
+        return NameLevel::Missing;
+    };
+    if a.joined == b.joined {
+        return NameLevel::Exact;
+    }
+    if a.tokens.iter().any(|t| b.tokens.contains(t)) {
+        return NameLevel::Token;
+    }
+    let close = |p: &str, q: &str| {
+        strsim::jaro_winkler(p, q) >= FAMILY_FUZZY_JW
+            || (p.len().min(q.len()) >= 4 && strsim::osa_distance(p, q) <= 1)
+    };
+    let token_close = a.tokens.iter().any(|p| {
+        b.tokens
+            .iter()
+            .any(|q| p.len() >= 4 && q.len() >= 4 && close(p, q))
+    });
+    if close(&a.joined, &b.joined) || token_close {
+        return NameLevel::Fuzzy;
+    }
+    NameLevel::Disagree
+}
+
+fn compare_dates(a: Option<NaiveDate>, b: Option<NaiveDate>) -> DateLevel {
+    let (Some(a), Some(b)) = (a, b) else {
+        return DateLevel::Missing;
+    };
+    if a == b {
+        return DateLevel::Exact;
+    }
+    if a.year() == b.year() && a.month() == b.day() && a.day() == b.month() {
+        return DateLevel::Transposed;
+    }
+    if (a - b).num_days().abs() == 1 {
+        return DateLevel::DayOff;
+    }
+    if a.month() == b.month() && a.day() == b.day() && (a.year() - b.year()).abs() == 1 {
+        return DateLevel::YearOff;
+    }
+    let da = a.format("%Y%m%d").to_string();
+    let db = b.format("%Y%m%d").to_string();
+    let diffs: Vec<usize> = da
+        .bytes()
+        .zip(db.bytes())
+        .enumerate()
+        .filter(|(_, (x, y))| x != y)
+        .map(|(i, _)| i)
+        .collect();
+    // A slip in the century or decade digit would make a parent and child "close".
+    if diffs.len() == 1 && diffs[0] >= 3 {
+        return DateLevel::OneDigit;
+    }
+    DateLevel::Disagree
+}
+
+fn compare_addresses(a: Option<&AddressKey>, b: Option<&AddressKey>) -> AddressLevel {
+    let (Some(a), Some(b)) = (a, b) else {
+        return AddressLevel::Missing;
+    };
+    let zips = match (&a.zip, &b.zip) {
+        (Some(x), Some(y)) => Some(x == y),
+        _ => None,
+    };
+    let other_unit = matches!((&a.unit, &b.unit), (Some(x), Some(y)) if x != y);
+    match (&a.line1, &b.line1) {
+        (Some(x), Some(y)) => {
+            if zips == Some(false) {
+                AddressLevel::Disagree
+            } else if x == y {
+                if other_unit {
+                    AddressLevel::Area
+                } else {
+                    AddressLevel::Exact
+                }
+            } else if zips == Some(true) {
+                if strsim::jaro_winkler(x, y) >= ADDRESS_FUZZY_JW && !other_unit {
+                    AddressLevel::Fuzzy
+                } else {
+                    AddressLevel::Area
+                }
+            } else {
+                AddressLevel::Disagree
+            }
+        }
+        _ => match zips {
+            Some(true) => AddressLevel::Area,
+            Some(false) => AddressLevel::Disagree,
+            None => AddressLevel::Missing,
+        },
+    }
+}
+
+/// Scores two sets of person fields against each other, for explaining a decision (the review
+/// screen) or tuning. The same comparison `decide` uses.
+pub fn explain(a: &PersonFields, b: &PersonFields, cfg: &MatchConfig) -> MatchScore {
+    let ctx = Context::new(cfg);
+    Comparison::new(&Profile::new(a, &ctx), &Profile::new(b, &ctx)).score()
+}
