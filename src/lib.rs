@@ -1,7 +1,10 @@
 //! patient-sync keeps one canonical patient table in step with Healthie, IntakeQ and Hint
 //! Health. See `ARCHITECTURE.md` for the map of modules.
 
+pub mod app;
+pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod identity;
 pub mod metrics;
 pub mod model;

@@ -1,0 +1,174 @@
+//! The application: the store, the sources, the receiver and the workers, wired from settings.
+//! `Application::build` binds the listener first (port 0 in tests), so callers know the address
+//! before anything runs.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::model::SourceKind;
+use crate::receiver::{self, ReceiverState};
+use crate::sources::{healthie::Healthie, hint::Hint, intakeq::Intakeq, Source};
+use crate::store::{self, Store};
+use crate::sync::apply::IdentitySettings;
+use crate::sync::worker::Worker;
+
+/// Everything `serve` runs, built and ready.
+pub struct Application {
+    settings: Arc<Settings>,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    sources: HashMap<SourceKind, Arc<dyn Source>>,
+    identity: Arc<IdentitySettings>,
+    listener: TcpListener,
+}
+
+/// Opens the store named by `database.url` and applies pending migrations.
+pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
+    let store = store::connect(&settings.database.url, settings.database.max_connections)
+        .await
+        .context("cannot open the database named by database.url")?;
+    store
+        .migrate()
+        .await
+        .context("cannot apply database migrations")?;
+    Ok(store)
+}
+
+/// The clients of every enabled source, sharing one rate limiter per credential.
+pub fn build_sources(
+    settings: &Settings,
+    metrics: &Arc<Metrics>,
+) -> HashMap<SourceKind, Arc<dyn Source>> {
+    let mut sources: HashMap<SourceKind, Arc<dyn Source>> = HashMap::new();
+    if settings.sources.healthie.enabled {
+        sources.insert(
+            SourceKind::Healthie,
+            Arc::new(Healthie::new(&settings.sources.healthie, metrics.clone())),
+        );
+    }
+    if settings.sources.intakeq.enabled {
+        sources.insert(
+            SourceKind::Intakeq,
+            Arc::new(Intakeq::new(&settings.sources.intakeq, metrics.clone())),
+        );
+    }
+    if settings.sources.hint.enabled {
+        sources.insert(SourceKind::Hint, Arc::new(Hint::new(&settings.sources.hint, metrics.clone())));
+    }
+    sources
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let metrics = Arc::new(Metrics::new());
+        let store = open_store(&settings).await?;
+        let sources = build_sources(&settings, &metrics);
+        let listener = TcpListener::bind(settings.server.listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on {} (server.listen)",
+                    settings.server.listen
+                )
+            })?;
+        Ok(Self {
+            settings: Arc::new(settings),
+            store,
+            metrics,
+            sources,
+            identity: Arc::new(IdentitySettings::default()),
+            listener,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.store.clone()
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// A worker sharing this application's store, sources and limiters.
+    pub fn worker(&self) -> Worker {
+        Worker::new(
+            self.store.clone(),
+            self.sources.clone(),
+            self.settings.worker.clone(),
+            self.identity.clone(),
+            self.metrics.clone(),
+        )
+    }
+
+    /// Serves webhooks and runs the workers until `shutdown` fires; then stops accepting,
+    /// lets workers finish their batch and release leases, and returns.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let addr = self.local_addr();
+        let router = receiver::router(ReceiverState {
+            store: self.store.clone(),
+            settings: self.settings.clone(),
+            metrics: self.metrics.clone(),
+        });
+        let mut workers = Vec::new();
+        for _ in 0..self.settings.worker.concurrency {
+            let worker = self.worker();
+            let token = shutdown.clone();
+            workers.push(tokio::spawn(async move { worker.run(token).await }));
+        }
+        info!(%addr, workers = workers.len(), sources = self.sources.len(), "Service started.");
+        let server_token = shutdown.clone();
+        axum::serve(self.listener, router)
+            .with_graceful_shutdown(async move { server_token.cancelled().await })
+            .await
+            .context("http server failed")?;
+        let grace = Duration::from_secs(self.settings.worker.shutdown_grace_secs);
+        let all = futures::future::join_all(workers);
+        if tokio::time::timeout(grace, all).await.is_err() {
+            warn!(
+                grace_secs = grace.as_secs(),
+                "Workers did not stop in time; their leases will expire."
+            );
+        }
+        info!("Service stopped.");
+        Ok(())
+    }
+}
+
+/// A token cancelled on SIGTERM or Ctrl-C.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("installing a SIGTERM handler succeeds");
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        info!("Shutdown requested.");
+        cancel.cancel();
+    });
+    token
+}

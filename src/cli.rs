@@ -1,0 +1,324 @@
+//! The command line: subcommands, their arguments, and what each one runs. Exit codes:
+//! 0 success; 1 failure; 2 bad configuration or arguments; 3 `sync` finished but items were
+//! dead-lettered or left for retry.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use chrono::{DateTime, NaiveDate, TimeZone, Utc};
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+
+use crate::app::{self, Application};
+use crate::config::Settings;
+use crate::model::{InboxId, SourceKind};
+use crate::store::{now_ms, InboxState, Store};
+
+pub const EXIT_FAILURE: u8 = 1;
+pub const EXIT_CONFIG: u8 = 2;
+pub const EXIT_INCOMPLETE: u8 = 3;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "patient-sync",
+    version,
+    about = "Keeps one canonical patient table in step with Healthie, IntakeQ and Hint Health"
+)]
+pub struct Cli {
+    /// Configuration file layered over the built-in defaults (environment variables win over both).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the webhook receiver and the workers until SIGTERM or Ctrl-C.
+    Serve,
+    /// Drain the inbox once and exit (for cron and systemd timers).
+    Sync,
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Validate the configuration and print it with secrets redacted.
+    CheckConfig,
+    /// Inbox, dead letters and patient counts.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect and replay dead-lettered inbox items.
+    #[command(subcommand)]
+    DeadLetters(DeadLetters),
+    /// Serve the fake Healthie API with a synthetic population.
+    Sandbox {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: std::net::SocketAddr,
+        /// People in the synthetic population.
+        #[arg(long, default_value_t = 200)]
+        people: usize,
+        /// Seed of the synthetic population.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
+    /// Run the sandbox and the service end to end on a fresh SQLite file and print a summary.
+    Demo {
+        /// Directory for the demo database (default: a new temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// People in the synthetic population.
+        #[arg(long, default_value_t = 120)]
+        people: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLetters {
+    /// List dead-lettered items (ids, source, event type, error kind, HTTP status; no payloads).
+    List {
+        #[arg(long)]
+        source: Option<SourceKind>,
+        /// Only items received at or after this time (RFC 3339 or YYYY-MM-DD).
+        #[arg(long, value_parser = parse_since)]
+        since: Option<DateTime<Utc>>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead-lettered items back in the queue with a fresh attempt budget.
+    Retry {
+        /// One item by id.
+        #[arg(conflicts_with_all = ["all", "since"], required_unless_present_any = ["all", "since"])]
+        id: Option<i64>,
+        /// Every dead item.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        source: Option<SourceKind>,
+        /// Only items received at or after this time (RFC 3339 or YYYY-MM-DD).
+        #[arg(long, value_parser = parse_since)]
+        since: Option<DateTime<Utc>>,
+    },
+}
+
+fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        .map(|d| Utc.from_utc_datetime(&d.and_hms_opt(0, 0, 0).expect("midnight exists")))
+        .map_err(|_| "expected RFC 3339 (2026-11-01T00:00:00Z) or YYYY-MM-DD".to_string())
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    crate::telemetry::init(&settings.log);
+    match cli.command {
+        Command::CheckConfig => {
+            print!("{}", settings.to_redacted_toml());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate => {
+            app::open_store(&settings).await?;
+            println!("migrations applied");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve => {
+            let app = Application::build(settings).await?;
+            app.run_until_stopped(app::shutdown_on_signals()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sync => sync_once(settings).await,
+        Command::Status { json } => {
+            let store = app::open_store(&settings).await?;
+            let status = load_status(store.as_ref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status.render_text());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::DeadLetters(cmd) => dead_letters(settings, cmd).await,
+        Command::Sandbox {
+            listen,
+            people,
+            seed,
+        } => {
+            crate::demo::run_sandbox(listen, people, seed, app::shutdown_on_signals()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { dir, people } => {
+            crate::demo::run_demo(settings, dir, people).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn sync_once(settings: Settings) -> anyhow::Result<ExitCode> {
+    let mut settings = settings;
+    // `sync` serves nothing; bind an ephemeral port so it never collides with a running `serve`.
+    settings.server.listen = "127.0.0.1:0".parse().expect("valid address");
+    let app = Application::build(settings).await?;
+    let summary = app.worker().drain().await.context("inbox drain failed")?;
+    println!(
+        "sync: claimed {} items: {} done, {} ignored, {} retried later, {} dead; {} records fetched",
+        summary.claimed, summary.done, summary.ignored, summary.retried, summary.dead, summary.fetched
+    );
+    Ok(if summary.dead > 0 || summary.retried > 0 {
+        ExitCode::from(EXIT_INCOMPLETE)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// What `status` reports.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub inbox: Vec<crate::store::InboxCount>,
+    pub oldest_pending_age_secs: Option<f64>,
+    pub dead_letters: i64,
+    pub patients: Vec<(String, i64)>,
+}
+
+impl Status {
+    fn render_text(&self) -> String {
+        let mut out = String::from("inbox:\n");
+        if self.inbox.is_empty() {
+            out.push_str("  (empty)\n");
+        }
+        for c in &self.inbox {
+            out.push_str(&format!(
+                "  {:<9} {:<8} {}\n",
+                c.source.as_str(),
+                c.state.as_str(),
+                c.count
+            ));
+        }
+        match self.oldest_pending_age_secs {
+            Some(age) => out.push_str(&format!("oldest pending: {age:.1}s\n")),
+            None => out.push_str("oldest pending: none\n"),
+        }
+        out.push_str(&format!("dead letters: {}\n", self.dead_letters));
+        out.push_str("patients:\n");
+        if self.patients.is_empty() {
+            out.push_str("  (none)\n");
+        }
+        for (status, n) in &self.patients {
+            out.push_str(&format!("  {status:<9} {n}\n"));
+        }
+        out
+    }
+}
+
+pub async fn load_status(store: &dyn Store) -> anyhow::Result<Status> {
+    let inbox = store.inbox_counts().await?;
+    let dead_letters = inbox
+        .iter()
+        .filter(|c| c.state == InboxState::Dead)
+        .map(|c| c.count)
+        .sum();
+    let oldest = store.oldest_pending_ms().await?;
+    Ok(Status {
+        inbox,
+        oldest_pending_age_secs: oldest.map(|t| (now_ms() - t).max(0) as f64 / 1000.0),
+        dead_letters,
+        patients: store.count_patients().await?,
+    })
+}
+
+async fn dead_letters(settings: Settings, cmd: DeadLetters) -> anyhow::Result<ExitCode> {
+    let store = app::open_store(&settings).await?;
+    match cmd {
+        DeadLetters::List {
+            source,
+            since,
+            limit,
+            json,
+        } => {
+            let items = store
+                .list_inbox(
+                    InboxState::Dead,
+                    source,
+                    since.map(|t| t.timestamp_millis()),
+                    limit,
+                )
+                .await?;
+            #[derive(Serialize)]
+            struct Row {
+                id: i64,
+                source: SourceKind,
+                event_type: String,
+                resource_id: Option<String>,
+                attempts: i64,
+                error_kind: Option<String>,
+                http_status: Option<i64>,
+                received_at: Option<DateTime<Utc>>,
+            }
+            let rows: Vec<Row> = items
+                .into_iter()
+                .map(|i| Row {
+                    id: i.id.0,
+                    source: i.source,
+                    event_type: i.event_type,
+                    resource_id: i.resource_id,
+                    attempts: i.attempts,
+                    error_kind: i.last_error_kind,
+                    http_status: i.last_http_status,
+                    received_at: Utc.timestamp_millis_opt(i.received_at_ms).single(),
+                })
+                .collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if rows.is_empty() {
+                println!("no dead letters");
+            } else {
+                println!(
+                    "{:>8}  {:<9} {:<24} {:<14} {:>8}  {:<18} {:>6}  received",
+                    "id", "source", "event", "resource", "attempts", "error", "http"
+                );
+                for r in rows {
+                    println!(
+                        "{:>8}  {:<9} {:<24} {:<14} {:>8}  {:<18} {:>6}  {}",
+                        r.id,
+                        r.source.as_str(),
+                        r.event_type,
+                        r.resource_id.unwrap_or_default(),
+                        r.attempts,
+                        r.error_kind.unwrap_or_default(),
+                        r.http_status.map(|s| s.to_string()).unwrap_or_default(),
+                        r.received_at.map(|t| t.to_rfc3339()).unwrap_or_default()
+                    );
+                }
+            }
+        }
+        DeadLetters::Retry {
+            id,
+            all: _,
+            source,
+            since,
+        } => {
+            let n = store
+                .requeue_dead(
+                    id.map(InboxId),
+                    source,
+                    since.map(|t| t.timestamp_millis()),
+                    now_ms(),
+                )
+                .await?;
+            println!("requeued {n} dead letters");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,472 @@
+//! The worker: claims inbox items under a lease, coalesces items for the same resource into one
+//! fetch, applies the fetched records, and finishes each item `done`, `ignored` or `dead`, or
+//! puts it back for a later attempt with exponential backoff and jitter.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, instrument, warn};
+
+use crate::config::WorkerSettings;
+use crate::metrics::Metrics;
+use crate::model::{RecordStatus, SourceId, SourceKey, SourceKind, SourceRecord};
+use crate::sources::http::FetchError;
+use crate::sources::{Plan, Source};
+use crate::store::{now_ms, InboxItem, RetryAt, Store, StoreError};
+use crate::sync::apply::{apply_record, fold_patient, IdentitySettings};
+
+/// Totals of one drain, for summaries and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DrainSummary {
+    pub claimed: u64,
+    pub done: u64,
+    pub ignored: u64,
+    pub retried: u64,
+    pub dead: u64,
+    pub fetched: u64,
+}
+
+impl DrainSummary {
+    fn add(&mut self, other: &DrainSummary) {
+        self.claimed += other.claimed;
+        self.done += other.done;
+        self.ignored += other.ignored;
+        self.retried += other.retried;
+        self.dead += other.dead;
+        self.fetched += other.fetched;
+    }
+}
+
+/// Processes inbox items for every configured source.
+pub struct Worker {
+    store: Arc<dyn Store>,
+    sources: HashMap<SourceKind, Arc<dyn Source>>,
+    settings: WorkerSettings,
+    identity: Arc<IdentitySettings>,
+    metrics: Arc<Metrics>,
+    owner: String,
+}
+
+/// How one inbox item ends after a batch.
+enum Finish {
+    Ignored(String),
+    Failed(FetchError),
+    Dead(&'static str),
+}
+
+impl Worker {
+    pub fn new(
+        store: Arc<dyn Store>,
+        sources: HashMap<SourceKind, Arc<dyn Source>>,
+        settings: WorkerSettings,
+        identity: Arc<IdentitySettings>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let owner = format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple());
+        Self {
+            store,
+            sources,
+            settings,
+            identity,
+            metrics,
+            owner,
+        }
+    }
+
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// Claims and processes one batch. Returns what happened (zero claimed: nothing was due).
+    #[instrument(skip_all, fields(owner = %self.owner))]
+    pub async fn run_once(&self) -> Result<DrainSummary, StoreError> {
+        let lease = Duration::from_secs(self.settings.lease_secs);
+        let items = self
+            .store
+            .claim_inbox(&self.owner, self.settings.batch_size, lease, now_ms())
+            .await?;
+        let mut summary = DrainSummary {
+            claimed: items.len() as u64,
+            ..Default::default()
+        };
+        if items.is_empty() {
+            return Ok(summary);
+        }
+        let mut by_source: BTreeMap<SourceKind, Vec<InboxItem>> = BTreeMap::new();
+        for item in items {
+            by_source.entry(item.source).or_default().push(item);
+        }
+        for (source, items) in by_source {
+            let part = self.process_source(source, items).await?;
+            summary.add(&part);
+        }
+        Ok(summary)
+    }
+
+    /// Processes batches until nothing is due. Tests, `sync` and the demo drive the queue with
+    /// this, so they never sleep.
+    pub async fn drain(&self) -> Result<DrainSummary, StoreError> {
+        let mut total = DrainSummary::default();
+        loop {
+            let part = self.run_once().await?;
+            if part.claimed == 0 {
+                return Ok(total);
+            }
+            total.add(&part);
+        }
+    }
+
+    /// Runs until `shutdown` fires: then finishes the batch in hand and releases its leases.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        let idle = Duration::from_millis(self.settings.idle_poll_ms);
+        let mut failures: u32 = 0;
+        while !shutdown.is_cancelled() {
+            match self.run_once().await {
+                Ok(s) if s.claimed > 0 => failures = 0,
+                Ok(_) => {
+                    failures = 0;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(idle) => {}
+                    }
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    let delay = Duration::from_millis(200u64 << failures.min(7));
+                    warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Worker could not reach the store.");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+        match self.store.release_leases(&self.owner).await {
+            Ok(n) if n > 0 => info!(released = n, "Worker released its leases."),
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, "Worker could not release its leases; they expire on their own.")
+            }
+        }
+    }
+
+    async fn process_source(
+        &self,
+        source: SourceKind,
+        items: Vec<InboxItem>,
+    ) -> Result<DrainSummary, StoreError> {
+        let mut summary = DrainSummary::default();
+        let Some(client) = self.sources.get(&source).cloned() else {
+            for item in &items {
+                self.finish(
+                    item,
+                    Finish::Ignored(format!("source {source} is not enabled")),
+                    &mut summary,
+                )
+                .await?;
+            }
+            return Ok(summary);
+        };
+        // Coalesce: one fetch per distinct id, shared by every item that asked for it.
+        let mut wanted: BTreeMap<SourceId, Vec<usize>> = BTreeMap::new();
+        let mut plans = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let plan = client.plan(item);
+            match &plan {
+                Ok(Plan::Fetch(ids)) => {
+                    for id in ids {
+                        wanted.entry(id.clone()).or_default().push(i);
+                    }
+                }
+                Ok(Plan::Merge { from, into }) => {
+                    wanted.entry(from.clone()).or_default().push(i);
+                    wanted.entry(into.clone()).or_default().push(i);
+                }
+                _ => {}
+            }
+            plans.push(plan);
+        }
+        let ids: Vec<SourceId> = wanted.keys().cloned().collect();
+        let fetched: HashMap<SourceId, Result<Option<SourceRecord>, FetchError>> = if ids.is_empty()
+        {
+            HashMap::new()
+        } else {
+            summary.fetched += ids.len() as u64;
+            client.fetch_records(&ids).await.into_iter().collect()
+        };
+
+        for (item, plan) in items.iter().zip(plans) {
+            let started = Instant::now();
+            let finish = match plan {
+                Err(e) => {
+                    debug!(inbox_id = %item.id, what = e.what, "Inbox item cannot be planned.");
+                    Finish::Dead("undecodable_item")
+                }
+                Ok(Plan::Ignore(reason)) => Finish::Ignored(reason),
+                Ok(Plan::Apply(record)) => {
+                    self.apply_and_finish(item, &[*record], None).await?;
+                    summary.done += 1;
+                    self.observe(item, started);
+                    continue;
+                }
+                Ok(Plan::Fetch(ids)) => match collect(&fetched, &ids, source) {
+                    Ok(records) => {
+                        self.apply_and_finish(item, &records, None).await?;
+                        summary.done += 1;
+                        self.observe(item, started);
+                        continue;
+                    }
+                    Err(e) => e,
+                },
+                Ok(Plan::Merge { from, into }) => {
+                    match collect(&fetched, &[from.clone(), into.clone()], source) {
+                        Ok(mut records) => {
+                            for r in records.iter_mut().filter(|r| r.key.id == from) {
+                                r.status = RecordStatus::Merged;
+                                r.merged_into = Some(into.clone());
+                            }
+                            let merge =
+                                (SourceKey::new(source, from), SourceKey::new(source, into));
+                            self.apply_and_finish(item, &records, Some(merge)).await?;
+                            summary.done += 1;
+                            self.observe(item, started);
+                            continue;
+                        }
+                        Err(e) => e,
+                    }
+                }
+            };
+            self.finish(item, finish, &mut summary).await?;
+        }
+        Ok(summary)
+    }
+
+    fn observe(&self, item: &InboxItem, _started: Instant) {
+        let age = (now_ms() - item.received_at_ms).max(0) as f64 / 1000.0;
+        self.metrics.observe(
+            "patient_sync_event_latency_seconds",
+            "Time from receiving an inbox item to its effect on the canonical table, by source.",
+            &[("source", item.source.as_str())],
+            age,
+        );
+        self.metrics.inc(
+            "patient_sync_events_processed_total",
+            "Inbox items finished, by source and outcome.",
+            &[("source", item.source.as_str()), ("outcome", "done")],
+            1,
+        );
+    }
+
+    /// Applies records and finishes the item in one transaction. A lost lease rolls it back.
+    async fn apply_and_finish(
+        &self,
+        item: &InboxItem,
+        records: &[SourceRecord],
+        merge: Option<(SourceKey, SourceKey)>,
+    ) -> Result<(), StoreError> {
+        let now = Utc::now();
+        let mut tx = self.store.begin().await?;
+        let mut patients = Vec::new();
+        for record in records {
+            let applied = apply_record(tx.as_mut(), record, &self.identity, now).await?;
+            patients.push((record.key.clone(), applied.patient_id));
+        }
+        if let Some((from, into)) = merge {
+            let find = |key: &SourceKey| {
+                patients
+                    .iter()
+                    .find(|(k, _)| k == key)
+                    .and_then(|(_, p)| p.clone())
+            };
+            if let (Some(from_patient), Some(into_patient)) = (find(&from), find(&into)) {
+                fold_patient(
+                    tx.as_mut(),
+                    &from_patient,
+                    &into_patient,
+                    &self.identity,
+                    now,
+                )
+                .await?;
+            }
+        }
+        let finished = tx
+            .finish_inbox(&[item.id], &self.owner, None, now_ms())
+            .await?;
+        if finished == 1 {
+            tx.commit().await?;
+        } else {
+            warn!(inbox_id = %item.id, "Lease was lost before the item finished; its work is left to the new owner.");
+        }
+        Ok(())
+    }
+
+    async fn finish(
+        &self,
+        item: &InboxItem,
+        finish: Finish,
+        summary: &mut DrainSummary,
+    ) -> Result<(), StoreError> {
+        let source = item.source.as_str();
+        match finish {
+            Finish::Ignored(reason) => {
+                let mut tx = self.store.begin().await?;
+                tx.finish_inbox(&[item.id], &self.owner, Some(&reason), now_ms())
+                    .await?;
+                tx.commit().await?;
+                summary.ignored += 1;
+                self.count(source, "ignored");
+            }
+            Finish::Dead(kind) => {
+                self.store
+                    .dead_inbox(item.id, &self.owner, kind, None, now_ms())
+                    .await?;
+                summary.dead += 1;
+                self.count(source, "dead");
+            }
+            Finish::Failed(error) => {
+                let attempts = item.attempts.max(0) as u32;
+                if !error.is_retryable()
+                    || (!error.is_rate_limit() && attempts >= self.settings.max_attempts)
+                {
+                    warn!(inbox_id = %item.id, source, error_kind = error.kind(), http_status = ?error.http_status(), attempts, "Inbox item dead-lettered.");
+                    self.store
+                        .dead_inbox(
+                            item.id,
+                            &self.owner,
+                            error.kind(),
+                            error.http_status(),
+                            now_ms(),
+                        )
+                        .await?;
+                    summary.dead += 1;
+                    self.count(source, "dead");
+                } else {
+                    let delay = match error.retry_after() {
+                        Some(d) => d,
+                        None if error.is_rate_limit() => {
+                            Duration::from_millis(self.settings.retry_initial_ms)
+                        }
+                        None => retry_delay(&self.settings, attempts),
+                    };
+                    let retry = RetryAt {
+                        available_at_ms: now_ms() + delay.as_millis() as i64,
+                        error_kind: error.kind().to_string(),
+                        http_status: error.http_status(),
+                        count_attempt: !error.is_rate_limit(),
+                    };
+                    debug!(inbox_id = %item.id, source, error_kind = error.kind(), retry_in_ms = delay.as_millis() as u64, "Inbox item will be retried.");
+                    self.store.retry_inbox(item.id, &self.owner, &retry).await?;
+                    summary.retried += 1;
+                    self.count(source, "retried");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn count(&self, source: &str, outcome: &str) {
+        self.metrics.inc(
+            "patient_sync_events_processed_total",
+            "Inbox items finished, by source and outcome.",
+            &[("source", source), ("outcome", outcome)],
+            1,
+        );
+    }
+}
+
+/// Records for every id, or the first failure. An id the source does not know is skipped.
+fn collect(
+    fetched: &HashMap<SourceId, Result<Option<SourceRecord>, FetchError>>,
+    ids: &[SourceId],
+    source: SourceKind,
+) -> Result<Vec<SourceRecord>, Finish> {
+    let mut records = Vec::new();
+    for id in ids {
+        match fetched.get(id) {
+            Some(Ok(Some(record))) => records.push(record.clone()),
+            Some(Ok(None)) => {}
+            Some(Err(e)) => return Err(Finish::Failed(clone_error(e))),
+            None => {
+                debug!(source = %source, "Fetch answered no result for a requested id.");
+                return Err(Finish::Failed(FetchError::Decode {
+                    what: "missing result",
+                }));
+            }
+        }
+    }
+    if records.is_empty() {
+        return Err(Finish::Ignored("resource not found upstream".into()));
+    }
+    Ok(records)
+}
+
+/// The same error kind for every item that shared a failed fetch.
+fn clone_error(e: &FetchError) -> FetchError {
+    match e {
+        FetchError::RateLimited {
+            retry_after,
+            status,
+        } => FetchError::RateLimited {
+            retry_after: *retry_after,
+            status: *status,
+        },
+        FetchError::Transient { kind, status, .. } => FetchError::Transient {
+            kind,
+            status: *status,
+            source: None,
+        },
+        FetchError::Auth { status } => FetchError::Auth { status: *status },
+        FetchError::Rejected { kind, status } => FetchError::Rejected {
+            kind,
+            status: *status,
+        },
+        FetchError::Decode { what } => FetchError::Decode { what },
+    }
+}
+
+/// Exponential backoff with full jitter: a random delay up to `initial * 2^(attempt-1)`, capped.
+pub fn retry_delay(settings: &WorkerSettings, attempt: u32) -> Duration {
+    let exp = settings
+        .retry_initial_ms
+        .saturating_mul(1u64 << attempt.saturating_sub(1).min(30))
+        .min(settings.retry_max_ms);
+    let jittered = rand::thread_rng().gen_range(exp / 2..=exp.max(1));
+    Duration::from_millis(jittered)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_grows_and_is_capped() {
+        let settings = WorkerSettings {
+            concurrency: 1,
+            batch_size: 1,
+            lease_secs: 1,
+            idle_poll_ms: 1,
+            max_attempts: 5,
+            retry_initial_ms: 1000,
+            retry_max_ms: 8000,
+            shutdown_grace_secs: 1,
+        };
+        for _ in 0..50 {
+            let first = retry_delay(&settings, 1).as_millis();
+            assert!((500..=1000).contains(&first), "{first}");
+            let late = retry_delay(&settings, 20).as_millis();
+            assert!((4000..=8000).contains(&late), "{late}");
+        }
+    }
+}
