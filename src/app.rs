@@ -115,15 +115,29 @@ impl Application {
         )
     }
 
+    fn router(&self) -> axum::Router {
+        receiver::router(ReceiverState {
+            store: self.store.clone(),
+            settings: self.settings.clone(),
+            metrics: self.metrics.clone(),
+        })
+    }
+
+    /// Serves webhooks, health and metrics only, until `shutdown` fires. Tests use this and
+    /// drive the queue themselves with [`Worker::drain`].
+    pub async fn run_receiver(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let router = self.router();
+        axum::serve(self.listener, router)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+            .context("http server failed")
+    }
+
     /// Serves webhooks and runs the workers until `shutdown` fires; then stops accepting,
     /// lets workers finish their batch and release leases, and returns.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let addr = self.local_addr();
-        let router = receiver::router(ReceiverState {
-            store: self.store.clone(),
-            settings: self.settings.clone(),
-            metrics: self.metrics.clone(),
-        });
+        let router = self.router();
         let mut workers = Vec::new();
         for _ in 0..self.settings.worker.concurrency {
             let worker = self.worker();

@@ -1,6 +1,8 @@
 //! Integration tests: one binary. Every test gets its own database (SQLite file or a fresh
 //! Postgres database on a throwaway server), its own port and its own fake upstreams.
 
+mod app;
+mod healthie_flow;
 mod helpers;
 mod pg;
 mod store;
