@@ -951,4 +951,29 @@ mod tests {
             r#"{"z":"Ana","id":"7","locations":[{"city":"Austin"}],"location":null}"#
         );
     }
+
+    #[test]
+    fn depth_counts_nested_fields() {
+        let schema = Schema::parse("type Query { n: N } type N { n: N id: ID }").unwrap();
+        let query = format!("{{ {} id {} }}", "n {".repeat(30), "}".repeat(30));
+        let fields = prepare(&schema, &query, &Map::new(), None).unwrap();
+        assert_eq!(depth(&fields), 31);
+    }
+
+    #[test]
+    fn mutations_and_missing_variables_are_refused() {
+        let errs = prepare(&schema(), "mutation { user { id } }", &Map::new(), None).unwrap_err();
+        assert_eq!(errs[0].message, "Schema is not configured for mutations");
+        let errs = prepare(
+            &schema(),
+            "query($id: ID!) { user(id: $id) { id } }",
+            &Map::new(),
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(
+            errs[0].message,
+            "Variable $id of type ID! was provided invalid value"
+        );
+    }
 }

@@ -394,6 +394,8 @@ impl HealthieServer {
     /// Checks headers, limits and the query, then executes it. Everything but fault injection.
     pub fn answer(&self, headers: &HeaderMap, body: &[u8]) -> Answer {
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        // Healthie documents no answer for a bad or missing key; the sandbox's is HTTP 401 with a
+        // GraphQL error coded UNAUTHENTICATED, so a misconfigured client fails loudly.
         let key_ok = header("authorization")
             .and_then(|v| v.strip_prefix("Basic "))
             .is_some_and(|k| k.trim() == self.config.api_key);
@@ -1224,6 +1226,94 @@ mod tests {
             "Field 'not_a_field' doesn't exist on type 'User'"
         );
         assert!(body.get("data").is_none());
+        sb.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn backward_pagination_with_last_and_before_returns_the_preceding_page() {
+        let sb = Sandbox::start(config()).await.unwrap();
+        let q = "query($before: String) { users(last: 3, before: $before, order_by: CREATED_AT_ASC) {
+                    total_count page_info { has_next_page has_previous_page start_cursor end_cursor }
+                    edges { cursor node { id } } } }";
+        let body = gql(&sb.healthie_url(), q, json!({"before": null})).await;
+        let users = &body["data"]["users"];
+        let total = users["total_count"].as_u64().unwrap() as usize;
+        let cursors: Vec<&str> = users["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["cursor"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            cursors,
+            (total - 2..=total)
+                .map(encode_cursor)
+                .collect::<Vec<_>>()
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(users["page_info"]["has_previous_page"], json!(true));
+        assert_eq!(users["page_info"]["has_next_page"], json!(false));
+        let start = users["page_info"]["start_cursor"].clone();
+        let body = gql(&sb.healthie_url(), q, json!({"before": start})).await;
+        let users = &body["data"]["users"];
+        assert_eq!(
+            users["page_info"]["end_cursor"],
+            json!(encode_cursor(total - 3))
+        );
+        assert_eq!(users["page_info"]["has_next_page"], json!(true));
+        let body = gql(
+            &sb.healthie_url(),
+            "{ users(first: 1, after: \"%%%\") { total_count } }",
+            json!({}),
+        )
+        .await;
+        assert_eq!(body["data"], Value::Null);
+        assert!(body["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Invalid cursor"));
+        sb.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn missing_version_header_is_refused_unless_configured_otherwise() {
+        let sb = Sandbox::start(config()).await.unwrap();
+        let q = json!({"query": "{ __typename }"});
+        let (status, body) = post(&sb.healthie_url(), q.clone(), None, Some(KEY)).await;
+        assert_eq!(status, 400);
+        assert_eq!(
+            body["errors"][0]["extensions"]["code"],
+            "MISSING_API_VERSION_HEADER"
+        );
+        assert_eq!(sb.healthie_counters().snapshot().version_rejected, 1);
+        sb.shutdown().await.unwrap();
+        let mut cfg = config();
+        cfg.healthie.require_version_header = false;
+        let sb = Sandbox::start(cfg).await.unwrap();
+        let (status, body) = post(&sb.healthie_url(), q, None, Some(KEY)).await;
+        assert_eq!(
+            (status, body),
+            (200, json!({"data": {"__typename": "Query"}}))
+        );
+        sb.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn injected_faults_answer_500_and_are_counted() {
+        let mut cfg = config();
+        cfg.healthie.faults.error_500_share = 1.0;
+        let sb = Sandbox::start(cfg).await.unwrap();
+        let (status, _) = post(
+            &sb.healthie_url(),
+            json!({"query": "{ __typename }"}),
+            Some("2026-01-01"),
+            Some(KEY),
+        )
+        .await;
+        assert_eq!(status, 500);
+        assert_eq!(sb.healthie_counters().snapshot().faults_injected, 1);
         sb.shutdown().await.unwrap();
     }
 

@@ -148,8 +148,8 @@ impl Drop for SandboxHandle {
     }
 }
 
-/// Serves the sandbox on `listen` until `shutdown` completes (the `patient-sync sandbox`
-/// subcommand).
+/// Serves the sandbox on `listen` (not `config.listen`) until `shutdown` completes: the
+/// `patient-sync sandbox` subcommand.
 pub async fn run(
     config: SandboxConfig,
     listen: SocketAddr,

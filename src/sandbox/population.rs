@@ -2110,16 +2110,13 @@ impl Population {
                 vec!["phone_number"]
             }
             1 => {
-                let email = user
-                    .get("email")
-                    .and_then(Value::as_str)
-                    .map(|e| e.to_lowercase())
-                    .unwrap_or_else(|| format!("{local}@gmail.com"));
-                let new = match email.split_once('@') {
-                    Some((l, d)) if email != format!("{local}@gmail.com") => {
-                        format!("{l}.{local}@{d}")
-                    }
-                    _ => email,
+                // A new address at the same provider, or a first one for a patient without email.
+                let new = match user.get("email").and_then(Value::as_str) {
+                    Some(old) => match old.to_lowercase().split_once('@') {
+                        Some((l, d)) => format!("{l}.{local}@{d}"),
+                        None => format!("{local}@gmail.com"),
+                    },
+                    None => format!("{local}@gmail.com"),
                 };
                 user.insert("email".into(), json!(new));
                 user.insert("skipped_email".into(), json!(false));
