@@ -4,7 +4,7 @@
 //! record is kept as the exact wire JSON its API returns. Mutations (touch, move, archive, merge,
 //! create) drive the fake servers and webhook storms; benchmarks score matches against the truth.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 
 use chrono::{DateTime, Datelike, Duration, FixedOffset, NaiveDate, TimeZone, Utc};
@@ -325,6 +325,8 @@ pub struct Population {
     next_policy_id: u64,
     next_intakeq_id: u64,
     households: u32,
+    /// Hint keeps `integration_record_id` unique per object type (reference B5).
+    hint_integration_ids: HashSet<String>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1108,6 +1110,7 @@ impl Population {
             next_policy_id: 95_210,
             next_intakeq_id: 1,
             households: 0,
+            hint_integration_ids: HashSet::new(),
         };
         while pop.persons.len() < config.people {
             let remaining = config.people - pop.persons.len();
@@ -1740,8 +1743,28 @@ impl Population {
         epoch_ms(midnight_utc - Duration::seconds(offset.local_minus_utc().into()))
     }
 
+    /// For a minor, the IntakeQ `ClientId` of the household's first adult, if they have one yet.
+    fn intakeq_parent(&self, person: PersonId) -> Option<u64> {
+        let i = (person.0 - 1) as usize;
+        let p = &self.persons[i];
+        let household = p.household?;
+        if age_on(p.birth_date, self.config.now.date_naive()) >= 18 {
+            return None;
+        }
+        let head = self.persons[..i]
+            .iter()
+            .rev()
+            .take_while(|o| o.household == Some(household))
+            .last()?;
+        head.records
+            .iter()
+            .find(|k| k.source == SourceKind::Intakeq)
+            .and_then(|k| k.id.as_str().parse().ok())
+    }
+
     fn intakeq_json(&mut self, person: PersonId, client_id: u64, v: &View) -> Value {
         let external = self.cross_healthie_id(person);
+        let parent = self.intakeq_parent(person);
         let dob = v.dob.map(|d| self.intakeq_dob(d));
         let rng = &mut self.rng;
         let style = pick_style(rng, [5, 3, 1, 1, 0]);
@@ -1829,15 +1852,17 @@ impl Population {
             "CreditBalance": 0.0,
             "StripeCustomerId": null,
             "SquareCustomerId": null,
-            "ParentClientId": null,
-            "LinkedClients": [],
+            "ParentClientId": parent,
+            "LinkedClients": parent.map_or_else(Vec::new, |p| vec![json!({"ClientNumber": p, "RelationshipType": 1})]),
             "CustomFields": [],
         });
         merge_objects(profile, rest)
     }
 
     fn hint_json(&mut self, person: PersonId, id: &str, v: &View) -> Value {
-        let integration_record_id = self.cross_healthie_id(person);
+        let integration_record_id = self
+            .cross_healthie_id(person)
+            .filter(|id| self.hint_integration_ids.insert(id.clone()));
         let rng = &mut self.rng;
         let mut phones = Vec::new();
         if let Some(m) = &v.mobile {
@@ -2471,6 +2496,12 @@ mod tests {
         if let Some(dob) = c["DateOfBirth"].as_i64() {
             assert_ne!(dob % 86_400_000, 0, "not a UTC midnight");
         }
+        assert!(p.intakeq_clients().any(|c| c["ParentClientId"].is_u64()));
+        let ids: Vec<&str> = p
+            .hint_patients()
+            .filter_map(|h| h["integration_record_id"].as_str())
+            .collect();
+        assert_eq!(ids.len(), ids.iter().collect::<BTreeSet<_>>().len());
         let h = p.hint_patients().next().unwrap();
         assert!(h["id"].as_str().unwrap().starts_with("pat-"));
         assert!(h["phones"].is_array());
