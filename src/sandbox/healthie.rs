@@ -1317,6 +1317,35 @@ mod tests {
         sb.shutdown().await.unwrap();
     }
 
+    #[tokio::test]
+    async fn the_reference_example_queries_run_unchanged() {
+        let sb = Sandbox::start(config()).await.unwrap();
+        let id = first_ids(&sb.population().read().unwrap(), 1).remove(0);
+        let get = "query GetPatient($id: ID) {
+          user(id: $id, clear_notifs: false) {
+            id first_name last_name legal_name dob gender gender_identity sex pronouns email phone_number
+            additional_phone_number record_identifier additional_record_identifier active archived_at is_patient
+            created_at updated_at timezone dietitian_id user_group_id preferred_language metadata
+            location { id line1 line2 city state zip country }
+            locations { id line1 line2 city state zip country }
+            policies { id name num group_num priority_type holder_relationship effective_start effective_end updated_at
+                       insurance_plan { id payer_name payer_id } }
+          }
+        }";
+        let body = gql(&sb.healthie_url(), get, json!({"id": id})).await;
+        assert!(body.get("errors").is_none(), "{body}");
+        assert_eq!(body["data"]["user"]["id"], json!(id));
+        let list = "query ListPatients($after: String, $first: Int) {
+          users(first: $first, after: $after, order_by: CREATED_AT_ASC) {
+            total_count page_info { has_next_page end_cursor } nodes { id updated_at active }
+          }
+        }";
+        let body = gql(&sb.healthie_url(), list, json!({"first": 50})).await;
+        assert!(body.get("errors").is_none(), "{body}");
+        assert_eq!(body["data"]["users"]["nodes"].as_array().unwrap().len(), 50);
+        sb.shutdown().await.unwrap();
+    }
+
     #[test]
     fn cursors_are_graphql_ruby_style_positions() {
         assert_eq!(encode_cursor(1), "MQ");
