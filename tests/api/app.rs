@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use patient_sync::app::Application;
 use patient_sync::config::Settings;
-use patient_sync::model::{PatientId, SourceKey, SourceKind};
+use patient_sync::model::{SourceKey, SourceKind};
 use patient_sync::sandbox::healthie::HealthieConfig;
 use patient_sync::sandbox::population::PopulationConfig;
 use patient_sync::sandbox::webhooks::WebhookSender;
@@ -23,7 +23,8 @@ pub struct TestApp {
     pub store: Arc<dyn Store>,
     pub worker: Worker,
     pub sandbox: SandboxHandle,
-    pub db: TestDb,
+    /// Keeps the database (a SQLite file) alive as long as the app.
+    pub _db: TestDb,
     shutdown: CancellationToken,
 }
 
@@ -76,7 +77,7 @@ pub async fn spawn_app(db: Db, people: usize) -> TestApp {
         store,
         worker,
         sandbox,
-        db,
+        _db: db,
         shutdown,
     }
 }
@@ -91,7 +92,7 @@ impl TestApp {
 
     /// Some Healthie user ids of the sandbox population.
     pub async fn healthie_ids(&self, n: usize) -> Vec<String> {
-        let pop = self.sandbox.population().read().await;
+        let pop = self.sandbox.population().read().unwrap();
         pop.healthie_users()
             .filter_map(|u| u.get("id").and_then(|v| v.as_str()).map(str::to_string))
             .take(n)
@@ -99,16 +100,12 @@ impl TestApp {
     }
 
     pub async fn healthie_user(&self, id: &str) -> serde_json::Value {
-        self.sandbox.population().read().await.healthie_user(id).cloned().expect("user exists")
+        self.sandbox.population().read().unwrap().healthie_user(id).cloned().expect("user exists")
     }
 
     pub async fn patient_of(&self, source: SourceKind, id: &str) -> Option<PatientRow> {
         let link = self.store.load_link(&SourceKey::new(source, id)).await.unwrap()?;
         self.store.load_patient(&link.patient_id).await.unwrap()
-    }
-
-    pub async fn patient(&self, id: &PatientId) -> Option<PatientRow> {
-        self.store.load_patient(id).await.unwrap()
     }
 
     pub async fn inbox_total(&self) -> i64 {

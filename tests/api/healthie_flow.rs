@@ -83,7 +83,7 @@ async fn a_one_byte_change_to_body_digest_or_path_is_rejected_and_stores_nothing
 async fn duplicates_and_reordering_make_one_patient_per_user_and_coalesce_fetches(db: Db) {
     let app = spawn_app(db, 60).await;
     let envelopes = {
-        let mut pop = app.sandbox.population().write().await;
+        let mut pop = app.sandbox.population().write().unwrap();
         healthie_storm(
             &mut pop,
             &StormConfig {
