@@ -19,6 +19,7 @@ use crate::receiver::{self, ReceiverState};
 use crate::sources::{healthie::Healthie, hint::Hint, intakeq::Intakeq, Source};
 use crate::store::{self, Store};
 use crate::sync::apply::IdentitySettings;
+use crate::sync::poll::{poll_source, PollError, PollSummary};
 use crate::sync::worker::Worker;
 
 /// Everything `serve` runs, built and ready.
@@ -62,7 +63,10 @@ pub fn build_sources(
         );
     }
     if settings.sources.hint.enabled {
-        sources.insert(SourceKind::Hint, Arc::new(Hint::new(&settings.sources.hint, metrics.clone())));
+        sources.insert(
+            SourceKind::Hint,
+            Arc::new(Hint::new(&settings.sources.hint, metrics.clone())),
+        );
     }
     sources
 }
@@ -100,8 +104,18 @@ impl Application {
         self.store.clone()
     }
 
+    pub fn sources(&self) -> &HashMap<SourceKind, Arc<dyn Source>> {
+        &self.sources
+    }
+
     pub fn metrics(&self) -> Arc<Metrics> {
         self.metrics.clone()
+    }
+
+    /// Polls every enabled source once (incremental changes, deletions, Healthie's sweep),
+    /// queueing what it finds. A failing source is logged and the others still run.
+    pub async fn poll_all(&self) -> Vec<(SourceKind, Result<PollSummary, PollError>)> {
+        poll_all(self.store.as_ref(), &self.sources, &self.metrics).await
     }
 
     /// A worker sharing this application's store, sources and limiters.
@@ -145,11 +159,33 @@ impl Application {
             workers.push(tokio::spawn(async move { worker.run(token).await }));
         }
         info!(%addr, workers = workers.len(), sources = self.sources.len(), "Service started.");
+        let interval = Duration::from_secs(self.settings.poll.interval_secs);
+        let poller = (!interval.is_zero()).then(|| {
+            let (store, sources, metrics, token) = (
+                self.store.clone(),
+                self.sources.clone(),
+                self.metrics.clone(),
+                shutdown.clone(),
+            );
+            tokio::spawn(async move {
+                let mut ticker = tokio::time::interval(interval);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = token.cancelled() => break,
+                        _ = ticker.tick() => { poll_all(store.as_ref(), &sources, &metrics).await; }
+                    }
+                }
+            })
+        });
         let server_token = shutdown.clone();
         axum::serve(self.listener, router)
             .with_graceful_shutdown(async move { server_token.cancelled().await })
             .await
             .context("http server failed")?;
+        if let Some(poller) = poller {
+            poller.abort();
+        }
         let grace = Duration::from_secs(self.settings.worker.shutdown_grace_secs);
         let all = futures::future::join_all(workers);
         if tokio::time::timeout(grace, all).await.is_err() {
@@ -161,6 +197,28 @@ impl Application {
         info!("Service stopped.");
         Ok(())
     }
+}
+
+/// Polls each source in turn; see [`Application::poll_all`].
+async fn poll_all(
+    store: &dyn Store,
+    sources: &HashMap<SourceKind, Arc<dyn Source>>,
+    metrics: &Metrics,
+) -> Vec<(SourceKind, Result<PollSummary, PollError>)> {
+    let mut kinds: Vec<SourceKind> = sources.keys().copied().collect();
+    kinds.sort();
+    let mut results = Vec::new();
+    for kind in kinds {
+        let result = poll_source(store, sources[&kind].as_ref(), metrics).await;
+        match &result {
+            Ok(summary) => info!(source = %kind, queued = summary.queued(), "Poll finished."),
+            Err(e) => {
+                warn!(source = %kind, error = %e, "Poll failed; it resumes from its cursor next time.")
+            }
+        }
+        results.push((kind, result));
+    }
+    results
 }
 
 /// A token cancelled on SIGTERM or Ctrl-C.

@@ -1,6 +1,6 @@
 //! The command line: subcommands, their arguments, and what each one runs. Exit codes:
-//! 0 success; 1 failure; 2 bad configuration or arguments; 3 `sync` finished but items were
-//! dead-lettered or left for retry.
+//! 0 success; 1 failure; 2 bad configuration or arguments; 3 `sync` finished but a poll failed
+//! or items were dead-lettered or left for retry.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,7 +37,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the webhook receiver and the workers until SIGTERM or Ctrl-C.
     Serve,
-    /// Drain the inbox once and exit (for cron and systemd timers).
+    /// Poll every enabled source once, drain the inbox, and exit (for cron and systemd timers).
     Sync,
     /// Apply pending database migrations and exit.
     Migrate,
@@ -171,12 +171,22 @@ async fn sync_once(settings: Settings) -> anyhow::Result<ExitCode> {
     // `sync` serves nothing; bind an ephemeral port so it never collides with a running `serve`.
     settings.server.listen = "127.0.0.1:0".parse().expect("valid address");
     let app = Application::build(settings).await?;
+    let mut poll_failed = false;
+    for (source, result) in app.poll_all().await {
+        match result {
+            Ok(s) => println!("poll {source}: {} new items queued", s.queued()),
+            Err(e) => {
+                poll_failed = true;
+                println!("poll {source}: failed ({e}); it resumes from its cursor next time");
+            }
+        }
+    }
     let summary = app.worker().drain().await.context("inbox drain failed")?;
     println!(
         "sync: claimed {} items: {} done, {} ignored, {} retried later, {} dead; {} records fetched",
         summary.claimed, summary.done, summary.ignored, summary.retried, summary.dead, summary.fetched
     );
-    Ok(if summary.dead > 0 || summary.retried > 0 {
+    Ok(if poll_failed || summary.dead > 0 || summary.retried > 0 {
         ExitCode::from(EXIT_INCOMPLETE)
     } else {
         ExitCode::SUCCESS

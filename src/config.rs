@@ -59,6 +59,7 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub server: ServerSettings,
     pub worker: WorkerSettings,
+    pub poll: PollSettings,
     pub sources: SourcesSettings,
     pub log: LogSettings,
 }
@@ -88,6 +89,13 @@ pub struct WorkerSettings {
     pub retry_initial_ms: u64,
     pub retry_max_ms: u64,
     pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PollSettings {
+    /// Seconds between incremental polls of every enabled source in `serve`; 0 disables them.
+    pub interval_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -248,15 +248,15 @@ fn respond(
         Ok(Ack::Stored { id, ignored }) => {
             span.record("inbox_id", id.0);
             match ignored {
-                None => tracing::info!(inbox_id = id.0, "stored webhook delivery as pending"),
-                Some(reason) => tracing::info!(
+                None => tracing::debug!(inbox_id = id.0, "stored webhook delivery as pending"),
+                Some(reason) => tracing::debug!(
                     inbox_id = id.0,
                     reason = reason.as_str(),
                     "stored webhook delivery as ignored"
                 ),
             }
         }
-        Ok(Ack::Duplicate) => tracing::info!("webhook delivery already in the inbox"),
+        Ok(Ack::Duplicate) => tracing::debug!("webhook delivery already in the inbox"),
         Err(Rejection::Store(e)) => tracing::error!(
             error_kind = store_error_kind(e),
             retryable = e.is_retryable(),

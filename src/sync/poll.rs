@@ -100,8 +100,9 @@ impl PollSummary {
 /// The `resource_type` the receiver uses for each source's patients.
 fn resource_type(source: SourceKind) -> &'static str {
     match source {
+        SourceKind::Healthie => "User",
         SourceKind::Intakeq => "Client",
-        SourceKind::Healthie | SourceKind::Hint => "patient",
+        SourceKind::Hint => "patient",
     }
 }
 
