@@ -22,7 +22,7 @@ pub struct TestApp {
     pub address: String,
     pub store: Arc<dyn Store>,
     pub worker: Worker,
-    pub sandbox: SandboxHandle,
+    pub sandbox: Option<SandboxHandle>,
     /// Keeps the database (a SQLite file) alive as long as the app.
     pub _db: TestDb,
     shutdown: CancellationToken,
@@ -80,7 +80,18 @@ pub async fn spawn_app(db: Db, people: usize) -> TestApp {
     })
     .await
     .expect("sandbox starts");
-    let settings = settings_for(&db.url, &sandbox.healthie_url(), &[]);
+    let mut app = spawn_app_on(db, &sandbox.healthie_url()).await;
+    app.sandbox = Some(sandbox);
+    app
+}
+
+/// An app against an already running sandbox (owned by the caller).
+pub async fn spawn_app_with(db: Db, sandbox: &SandboxHandle) -> TestApp {
+    spawn_app_on(database(db).await, &sandbox.healthie_url()).await
+}
+
+async fn spawn_app_on(db: TestDb, healthie_url: &str) -> TestApp {
+    let settings = settings_for(&db.url, healthie_url, &[]);
     let app = Application::build(settings)
         .await
         .expect("application builds");
@@ -93,13 +104,17 @@ pub async fn spawn_app(db: Db, people: usize) -> TestApp {
         address,
         store,
         worker,
-        sandbox,
+        sandbox: None,
         _db: db,
         shutdown,
     }
 }
 
 impl TestApp {
+    pub fn sandbox(&self) -> &SandboxHandle {
+        self.sandbox.as_ref().expect("this app owns its sandbox")
+    }
+
     pub fn sender(&self) -> WebhookSender {
         WebhookSender::new(
             format!("{}/webhooks/healthie", self.address)
@@ -111,7 +126,7 @@ impl TestApp {
 
     /// Some Healthie user ids of the sandbox population.
     pub async fn healthie_ids(&self, n: usize) -> Vec<String> {
-        let pop = self.sandbox.population().read().unwrap();
+        let pop = self.sandbox().population().read().unwrap();
         pop.healthie_users()
             .filter_map(|u| u.get("id").and_then(|v| v.as_str()).map(str::to_string))
             .take(n)
@@ -119,7 +134,7 @@ impl TestApp {
     }
 
     pub async fn healthie_user(&self, id: &str) -> serde_json::Value {
-        self.sandbox
+        self.sandbox()
             .population()
             .read()
             .unwrap()

@@ -55,11 +55,11 @@ async fn a_signed_webhook_lands_in_patients_with_the_fetched_fields(db: Db) {
         .all(|f| f.key.source == SourceKind::Healthie && f.key.id.as_str() == id));
     assert!(provenance.iter().any(|f| f.field == "family_name"));
     assert_eq!(
-        app.sandbox
+        app.sandbox()
             .healthie_counters()
             .user_fields_clear_notifs_false
             .load(std::sync::atomic::Ordering::Relaxed),
-        app.sandbox
+        app.sandbox()
             .healthie_counters()
             .user_fields
             .load(std::sync::atomic::Ordering::Relaxed),
@@ -99,7 +99,7 @@ async fn a_one_byte_change_to_body_digest_or_path_is_rejected_and_stores_nothing
 async fn duplicates_and_reordering_make_one_patient_per_user_and_coalesce_fetches(db: Db) {
     let app = spawn_app(db, 60).await;
     let envelopes = {
-        let mut pop = app.sandbox.population().write().unwrap();
+        let mut pop = app.sandbox().population().write().unwrap();
         healthie_storm(
             &mut pop,
             &StormConfig {
@@ -130,7 +130,7 @@ async fn duplicates_and_reordering_make_one_patient_per_user_and_coalesce_fetche
         assert!(row.is_some(), "every touched user has a canonical patient");
     }
     let requests = app
-        .sandbox
+        .sandbox()
         .healthie_counters()
         .requests
         .load(std::sync::atomic::Ordering::Relaxed);
