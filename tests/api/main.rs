@@ -6,4 +6,5 @@ mod crash;
 mod healthie_flow;
 mod helpers;
 mod pg;
+mod sources_flow;
 mod store;
