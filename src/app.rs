@@ -76,6 +76,7 @@ impl Application {
         let metrics = Arc::new(Metrics::new());
         let store = open_store(&settings).await?;
         let sources = build_sources(&settings, &metrics);
+        restore_budgets(store.as_ref(), &sources).await?;
         let listener = TcpListener::bind(settings.server.listen)
             .await
             .with_context(|| {
@@ -218,7 +219,56 @@ async fn poll_all(
         }
         results.push((kind, result));
     }
+    if let Err(e) = save_budgets(store, sources).await {
+        warn!(error = %e, "Could not save the daily request budgets.");
+    }
     results
+}
+
+/// The `sync_state` stream holding a source's daily request budget, shared by every process
+/// using the credential and read by `status`.
+pub const BUDGET_STREAM: &str = "daily_budget";
+
+/// Saves each source's daily budget so the next process and `status` see it.
+pub async fn save_budgets(
+    store: &dyn Store,
+    sources: &HashMap<SourceKind, Arc<dyn Source>>,
+) -> Result<(), crate::store::StoreError> {
+    for (kind, source) in sources {
+        if let Some(budget) = source.budget() {
+            let now = chrono::Utc::now();
+            store
+                .save_sync_state(&crate::store::SyncState {
+                    source: *kind,
+                    stream: BUDGET_STREAM.into(),
+                    cursor: serde_json::to_string(&budget).ok(),
+                    checkpoint: None,
+                    last_success_at: None,
+                    updated_at: now,
+                })
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn restore_budgets(
+    store: &dyn Store,
+    sources: &HashMap<SourceKind, Arc<dyn Source>>,
+) -> anyhow::Result<()> {
+    for (kind, source) in sources {
+        if source.budget().is_none() {
+            continue;
+        }
+        let saved = store.load_sync_state(*kind, BUDGET_STREAM).await?;
+        if let Some(snapshot) = saved
+            .and_then(|s| s.cursor)
+            .and_then(|c| serde_json::from_str::<crate::sources::http::BudgetSnapshot>(&c).ok())
+        {
+            source.restore_budget(&snapshot);
+        }
+    }
+    Ok(())
 }
 
 /// A token cancelled on SIGTERM or Ctrl-C.

@@ -182,6 +182,7 @@ async fn sync_once(settings: Settings) -> anyhow::Result<ExitCode> {
         }
     }
     let summary = app.worker().drain().await.context("inbox drain failed")?;
+    app::save_budgets(app.store().as_ref(), app.sources()).await?;
     println!(
         "sync: claimed {} items: {} done, {} ignored, {} retried later, {} dead; {} records fetched",
         summary.claimed, summary.done, summary.ignored, summary.retried, summary.dead, summary.fetched
@@ -200,6 +201,8 @@ pub struct Status {
     pub oldest_pending_age_secs: Option<f64>,
     pub dead_letters: i64,
     pub patients: Vec<(String, i64)>,
+    /// Daily request budgets (IntakeQ), as last saved by a process using the key.
+    pub budgets: Vec<(SourceKind, crate::sources::http::BudgetSnapshot)>,
 }
 
 impl Status {
@@ -221,6 +224,21 @@ impl Status {
             None => out.push_str("oldest pending: none\n"),
         }
         out.push_str(&format!("dead letters: {}\n", self.dead_letters));
+        for (source, b) in &self.budgets {
+            let exhausted = if b.remaining == 0 {
+                " (spent: work waits for the reset)"
+            } else {
+                ""
+            };
+            out.push_str(&format!(
+                "{} daily budget: {} of {} left, resets {}{}\n",
+                source.as_str(),
+                b.remaining,
+                b.limit,
+                b.resets_at.to_rfc3339(),
+                exhausted
+            ));
+        }
         out.push_str("patients:\n");
         if self.patients.is_empty() {
             out.push_str("  (none)\n");
@@ -240,7 +258,16 @@ pub async fn load_status(store: &dyn Store) -> anyhow::Result<Status> {
         .map(|c| c.count)
         .sum();
     let oldest = store.oldest_pending_ms().await?;
+    let mut budgets = Vec::new();
+    for source in SourceKind::ALL {
+        if let Some(state) = store.load_sync_state(source, app::BUDGET_STREAM).await? {
+            if let Some(b) = state.cursor.and_then(|c| serde_json::from_str(&c).ok()) {
+                budgets.push((source, b));
+            }
+        }
+    }
     Ok(Status {
+        budgets,
         inbox,
         oldest_pending_age_secs: oldest.map(|t| (now_ms() - t).max(0) as f64 / 1000.0),
         dead_letters,

@@ -94,6 +94,14 @@ pub trait Source: Send + Sync {
     /// Fetches one page of `stream` from `cursor` (None: the source's own starting point).
     async fn poll(&self, stream: &str, cursor: Option<&str>) -> Result<PollPage, FetchError>;
 
+    /// The credential's daily request budget, for sources that have one (IntakeQ).
+    fn budget(&self) -> Option<http::BudgetSnapshot> {
+        None
+    }
+
+    /// Takes back a budget saved by an earlier process sharing the credential.
+    fn restore_budget(&self, _snapshot: &http::BudgetSnapshot) {}
+
     /// Converts one record in this source's own API shape (as `import` reads them) into a
     /// source record.
     fn parse_record(

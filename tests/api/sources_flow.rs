@@ -44,7 +44,10 @@ async fn one_sync_pass_brings_every_source_in_and_a_second_changes_nothing(db: D
     let summary = app.worker().drain().await.unwrap();
     assert_eq!(summary.dead, 0);
     let counts = app.store().inbox_counts().await.unwrap();
-    assert!(counts.iter().all(|c| c.state == InboxState::Done), "{counts:?}");
+    assert!(
+        counts.iter().all(|c| c.state == InboxState::Done),
+        "{counts:?}"
+    );
 
     let store = app.store();
     let (keys, truth) = {
@@ -52,7 +55,11 @@ async fn one_sync_pass_brings_every_source_in_and_a_second_changes_nothing(db: D
         let keys: Vec<SourceKey> = pop
             .ground_truth()
             .keys()
-            .filter(|k| pop.table(k.source).get(k.id.as_str()).is_some_and(|r| r.deleted_at.is_none()))
+            .filter(|k| {
+                pop.table(k.source)
+                    .get(k.id.as_str())
+                    .is_some_and(|r| r.deleted_at.is_none())
+            })
             .cloned()
             .collect();
         (keys, pop.ground_truth().clone())
@@ -66,17 +73,26 @@ async fn one_sync_pass_brings_every_source_in_and_a_second_changes_nothing(db: D
             SourceKind::Intakeq => &row.intakeq_id,
             SourceKind::Hint => &row.hint_id,
         };
-        assert!(column.is_some(), "{key}: the canonical row names a record of its source");
+        assert!(
+            column.is_some(),
+            "{key}: the canonical row names a record of its source"
+        );
     }
     // No automatic link joins two different people.
     let mut patient_of = std::collections::BTreeMap::new();
     for key in &keys {
-        patient_of.insert(key.clone(), store.load_link(key).await.unwrap().unwrap().patient_id);
+        patient_of.insert(
+            key.clone(),
+            store.load_link(key).await.unwrap().unwrap().patient_id,
+        );
     }
     for a in &keys {
         for b in &keys {
             if a < b && truth[a] != truth[b] {
-                assert_ne!(patient_of[a], patient_of[b], "{a} and {b} are different people");
+                assert_ne!(
+                    patient_of[a], patient_of[b],
+                    "{a} and {b} are different people"
+                );
             }
         }
     }
@@ -84,7 +100,14 @@ async fn one_sync_pass_brings_every_source_in_and_a_second_changes_nothing(db: D
         let mut v = Vec::new();
         for key in &keys {
             let link = store.load_link(key).await.unwrap().unwrap();
-            v.push(store.load_patient(&link.patient_id).await.unwrap().unwrap().version);
+            v.push(
+                store
+                    .load_patient(&link.patient_id)
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .version,
+            );
         }
         v
     };
@@ -96,11 +119,22 @@ async fn one_sync_pass_brings_every_source_in_and_a_second_changes_nothing(db: D
         .filter(|(s, _)| *s != SourceKind::Healthie)
         .map(|(_, r)| r.unwrap().queued())
         .sum();
-    assert_eq!(again, 0, "a second poll of unchanged IntakeQ and Hint queues nothing");
+    assert_eq!(
+        again, 0,
+        "a second poll of unchanged IntakeQ and Hint queues nothing"
+    );
     app.worker().drain().await.unwrap();
     for (key, version) in keys.iter().zip(versions) {
         let link = store.load_link(key).await.unwrap().unwrap();
-        assert_eq!(store.load_patient(&link.patient_id).await.unwrap().unwrap().version, version);
+        assert_eq!(
+            store
+                .load_patient(&link.patient_id)
+                .await
+                .unwrap()
+                .unwrap()
+                .version,
+            version
+        );
     }
 }
 

@@ -310,6 +310,14 @@ fn named_client(item: &InboxItem, body: Option<&Value>) -> Option<String> {
 
 #[async_trait]
 impl Source for Intakeq {
+    fn budget(&self) -> Option<BudgetSnapshot> {
+        Some(Intakeq::budget(self))
+    }
+
+    fn restore_budget(&self, snapshot: &BudgetSnapshot) {
+        Intakeq::restore_budget(self, snapshot)
+    }
+
     fn kind(&self) -> SourceKind {
         SourceKind::Intakeq
     }
