@@ -63,6 +63,10 @@ pub enum Command {
         /// Seed of the synthetic population.
         #[arg(long, default_value_t = 7)]
         seed: u64,
+        /// Also send a storm of signed Healthie webhooks to this receiver URL, signed with
+        /// `PATIENT_SYNC_SOURCES__HEALTHIE__WEBHOOK_SECRET`.
+        #[arg(long, value_name = "URL")]
+        send_webhooks: Option<reqwest::Url>,
     },
     /// Run the sandbox and the service end to end on a fresh SQLite file and print a summary.
     Demo {
@@ -155,8 +159,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             listen,
             people,
             seed,
+            send_webhooks,
         } => {
-            crate::demo::run_sandbox(listen, people, seed, app::shutdown_on_signals()).await?;
+            let shutdown = app::shutdown_on_signals();
+            crate::demo::run_sandbox(&settings, listen, people, seed, send_webhooks, shutdown)
+                .await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { dir, people } => {

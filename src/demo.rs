@@ -20,11 +20,14 @@ use crate::store::{InboxState, Store};
 
 const DEMO_WEBHOOK_SECRET: &str = "whsec_demo_only";
 
-/// Serves the fake upstreams until `shutdown` fires.
+/// Serves the fake upstreams until `shutdown` fires; with `send_to`, also sends a storm of
+/// signed Healthie webhooks (signed with the first configured webhook secret) to that receiver.
 pub async fn run_sandbox(
+    settings: &Settings,
     listen: SocketAddr,
     people: usize,
     seed: u64,
+    send_to: Option<reqwest::Url>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let config = SandboxConfig {
@@ -37,16 +40,53 @@ pub async fn run_sandbox(
         ..Default::default()
     };
     let healthie_key = config.healthie.api_key.clone();
-    println!("sandbox on http://{listen}");
-    println!("  PATIENT_SYNC_SOURCES__HEALTHIE__API_URL=http://{listen}/graphql");
-    println!("  PATIENT_SYNC_SOURCES__HEALTHIE__API_KEY={healthie_key}");
-    println!("  PATIENT_SYNC_SOURCES__INTAKEQ__BASE_URL=http://{listen}/intakeq/api/v1");
-    println!("  PATIENT_SYNC_SOURCES__INTAKEQ__API_KEY={INTAKEQ_API_KEY}");
-    println!("  PATIENT_SYNC_SOURCES__HINT__BASE_URL=http://{listen}/hint");
-    println!("  PATIENT_SYNC_SOURCES__HINT__API_KEY={HINT_API_KEY}");
-    crate::sandbox::run(config, listen, async move { shutdown.cancelled().await })
+    let sandbox = Sandbox::start(config)
         .await
-        .context("sandbox server failed")
+        .with_context(|| format!("cannot serve the sandbox on {listen}"))?;
+    let base = sandbox.base_url();
+    println!("sandbox on {base}");
+    println!(
+        "  PATIENT_SYNC_SOURCES__HEALTHIE__API_URL={}",
+        sandbox.healthie_url()
+    );
+    println!("  PATIENT_SYNC_SOURCES__HEALTHIE__API_KEY={healthie_key}");
+    println!(
+        "  PATIENT_SYNC_SOURCES__INTAKEQ__BASE_URL={}",
+        sandbox.intakeq_url()
+    );
+    println!("  PATIENT_SYNC_SOURCES__INTAKEQ__API_KEY={INTAKEQ_API_KEY}");
+    println!(
+        "  PATIENT_SYNC_SOURCES__HINT__BASE_URL={}",
+        sandbox.hint_url()
+    );
+    println!("  PATIENT_SYNC_SOURCES__HINT__API_KEY={HINT_API_KEY}");
+    if let Some(url) = send_to {
+        let secret = settings.sources.healthie.webhook_secret.first().context(
+            "--send-webhooks needs a webhook secret: set PATIENT_SYNC_SOURCES__HEALTHIE__WEBHOOK_SECRET",
+        )?;
+        let envelopes = {
+            let mut pop = sandbox
+                .population()
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            healthie_storm(&mut pop, &StormConfig::default())
+        };
+        let sender = WebhookSender::new(url.clone(), secret.expose().as_bytes().to_vec());
+        let mut by_status = std::collections::BTreeMap::new();
+        for envelope in &envelopes {
+            let status = sender
+                .send(envelope)
+                .await
+                .with_context(|| format!("cannot reach {url}"))?;
+            *by_status.entry(status.as_u16()).or_insert(0usize) += 1;
+        }
+        println!(
+            "sent {} signed Healthie webhooks to {url}: {by_status:?} by HTTP status",
+            envelopes.len()
+        );
+    }
+    shutdown.cancelled().await;
+    sandbox.shutdown().await.context("sandbox server failed")
 }
 
 /// Runs the end-to-end demo and prints a summary.

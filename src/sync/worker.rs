@@ -120,12 +120,18 @@ impl Worker {
         }
     }
 
-    /// Runs until `shutdown` fires: then finishes the batch in hand and releases its leases.
+    /// Runs until `shutdown` fires: then abandons the batch in hand (its uncommitted
+    /// transaction rolls back; every item commits with its effect or not at all) and returns
+    /// the items it still leases to `pending`, so another worker takes them at once.
     pub async fn run(&self, shutdown: CancellationToken) {
         let idle = Duration::from_millis(self.settings.idle_poll_ms);
         let mut failures: u32 = 0;
         while !shutdown.is_cancelled() {
-            match self.run_once().await {
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = self.run_once() => r,
+            };
+            match result {
                 Ok(s) if s.claimed > 0 => failures = 0,
                 Ok(_) => {
                     failures = 0;

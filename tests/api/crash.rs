@@ -249,3 +249,82 @@ async fn serve_killed_mid_processing_and_restarted_loses_and_duplicates_nothing(
     app.worker.drain().await.unwrap();
     assert_eq!(canonical(app.store.as_ref(), &ids).await, after_crash);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_batch_exits_zero_and_hands_back_every_lease() {
+    let sandbox = Sandbox::start(SandboxConfig {
+        population: PopulationConfig {
+            people: 40,
+            seed: 8,
+            ..Default::default()
+        },
+        healthie: HealthieConfig {
+            rate_limit: None,
+            faults: Faults {
+                slow_share: 1.0,
+                slow_ms: 2_000,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let ids: Vec<String> = {
+        let pop = sandbox.population().read().unwrap();
+        pop.healthie_users()
+            .filter_map(|u| u["id"].as_str().map(str::to_string))
+            .take(20)
+            .collect()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db_url = format!("sqlite:{}", dir.path().join("term.sqlite").display());
+    let port = free_port();
+    let mut child = serve(&db_url, port, &sandbox.healthie_url());
+    wait_for("the service to be ready", Duration::from_secs(30), || {
+        ready(port)
+    })
+    .await;
+    let sender = WebhookSender::new(
+        format!("http://127.0.0.1:{port}/webhooks/healthie")
+            .parse()
+            .unwrap(),
+        WEBHOOK_SECRET.as_bytes().to_vec(),
+    );
+    for id in &ids {
+        sender
+            .send(&HealthieEnvelope::patient("patient.updated", id, vec![]))
+            .await
+            .unwrap();
+    }
+    let observer = store::connect(&db_url, 2).await.unwrap();
+    wait_for(
+        "a batch to be in flight",
+        Duration::from_secs(30),
+        || async { count(observer.as_ref(), &[InboxState::Leased]).await > 0 },
+    )
+    .await;
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "serve exits 0 on SIGTERM: {status:?}");
+    assert_eq!(
+        count(observer.as_ref(), &[InboxState::Leased]).await,
+        0,
+        "no lease left behind"
+    );
+    let pending = count(observer.as_ref(), &[InboxState::Pending]).await;
+    let done = count(observer.as_ref(), &[InboxState::Done]).await;
+    assert_eq!(
+        pending + done,
+        ids.len() as i64,
+        "every delivery is still there"
+    );
+    let item = observer
+        .list_inbox(InboxState::Pending, None, None, 1)
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(item.attempts, 0, "an interrupted attempt is not counted");
+}
