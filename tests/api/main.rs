@@ -7,5 +7,6 @@ mod crash;
 mod healthie_flow;
 mod helpers;
 mod pg;
+mod phi;
 mod sources_flow;
 mod store;
