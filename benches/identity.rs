@@ -1,0 +1,207 @@
+//! Identity accuracy benchmark: a synthetic population with ground truth (typos, nicknames,
+//! swapped fields, missing values, format differences, twins, families sharing contacts, people
+//! who changed surname or email) goes through the real conversion and apply path into SQLite, in
+//! a shuffled order, and the resulting links are scored pairwise against the truth.
+//!
+//! Run: `cargo bench --bench identity -- [--people N] [--seed S]`. Prints figures and the machine.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::Utc;
+use patient_sync::config::Settings;
+use patient_sync::metrics::Metrics;
+use patient_sync::model::{SourceKey, SourceKind};
+use patient_sync::sandbox::population::{Population, PopulationConfig};
+use patient_sync::sources::{healthie::Healthie, hint::Hint, intakeq::Intakeq, Source};
+use patient_sync::store;
+use patient_sync::sync::apply::{apply_record, IdentitySettings};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown cpu".into());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string())
+        })
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map(|kb| format!("{:.1} GiB", kb as f64 / 1024.0 / 1024.0))
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    format!("{cpu}, {cores} cores, {mem}")
+}
+
+struct Scores {
+    precision: f64,
+    recall: f64,
+    f1: f64,
+    false_pairs: usize,
+}
+
+fn score(
+    predicted: &BTreeSet<(SourceKey, SourceKey)>,
+    truth: &BTreeSet<(SourceKey, SourceKey)>,
+) -> Scores {
+    let tp = predicted.intersection(truth).count() as f64;
+    let precision = if predicted.is_empty() {
+        1.0
+    } else {
+        tp / predicted.len() as f64
+    };
+    let recall = if truth.is_empty() {
+        1.0
+    } else {
+        tp / truth.len() as f64
+    };
+    let f1 = if precision + recall == 0.0 {
+        0.0
+    } else {
+        2.0 * precision * recall / (precision + recall)
+    };
+    Scores {
+        precision,
+        recall,
+        f1,
+        false_pairs: predicted.difference(truth).count(),
+    }
+}
+
+fn pairs(clusters: &BTreeMap<String, Vec<SourceKey>>) -> BTreeSet<(SourceKey, SourceKey)> {
+    let mut out = BTreeSet::new();
+    for keys in clusters.values() {
+        for i in 0..keys.len() {
+            for j in i + 1..keys.len() {
+                let (a, b) = (keys[i].clone(), keys[j].clone());
+                out.insert(if a < b { (a, b) } else { (b, a) });
+            }
+        }
+    }
+    out
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let people = arg("--people", 3000) as usize;
+    let seed = arg("--seed", 42);
+    println!("identity benchmark: {people} people, seed {seed}");
+    println!("machine: {}", machine());
+
+    let started = Instant::now();
+    let population = Population::generate(&PopulationConfig {
+        people,
+        seed,
+        ..Default::default()
+    });
+    println!(
+        "population generated in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let settings = Settings::load_from(None, &[])?;
+    let metrics = Arc::new(Metrics::new());
+    let sources: BTreeMap<SourceKind, Box<dyn Source>> = BTreeMap::from([
+        (
+            SourceKind::Healthie,
+            Box::new(Healthie::new(&settings.sources.healthie, metrics.clone())) as Box<dyn Source>,
+        ),
+        (
+            SourceKind::Intakeq,
+            Box::new(Intakeq::new(&settings.sources.intakeq, metrics.clone())),
+        ),
+        (
+            SourceKind::Hint,
+            Box::new(Hint::new(&settings.sources.hint, metrics.clone())),
+        ),
+    ]);
+    let now = Utc::now();
+    let mut records = Vec::new();
+    for source in SourceKind::ALL {
+        for stored in population
+            .table(source)
+            .all()
+            .iter()
+            .filter(|r| r.deleted_at.is_none())
+        {
+            records.push(sources[&source].parse_record(&stored.json, now)?);
+        }
+    }
+    records.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+
+    let dir = tempfile::tempdir()?;
+    let store = store::connect(
+        &format!("sqlite:{}", dir.path().join("bench.sqlite").display()),
+        4,
+    )
+    .await?;
+    store.migrate().await?;
+    let identity = IdentitySettings::default();
+    let applying = Instant::now();
+    for chunk in records.chunks(500) {
+        let mut tx = store.begin().await?;
+        for record in chunk {
+            apply_record(tx.as_mut(), record, &identity, now).await?;
+        }
+        tx.commit().await?;
+    }
+    let apply_secs = applying.elapsed().as_secs_f64();
+
+    let mut clusters: BTreeMap<String, Vec<SourceKey>> = BTreeMap::new();
+    for record in &records {
+        if let Some(link) = store.load_link(&record.key).await? {
+            clusters
+                .entry(link.patient_id.0)
+                .or_default()
+                .push(record.key.clone());
+        }
+    }
+    let seen: BTreeSet<&SourceKey> = records.iter().map(|r| &r.key).collect();
+    let truth: BTreeSet<(SourceKey, SourceKey)> = population
+        .ground_truth_pairs()
+        .into_iter()
+        .filter(|(a, b)| seen.contains(a) && seen.contains(b))
+        .collect();
+    let auto = score(&pairs(&clusters), &truth);
+    let patients: i64 = store.count_patients().await?.iter().map(|(_, n)| n).sum();
+
+    println!();
+    println!(
+        "records applied        {} in {:.2} s ({:.0} records/s)",
+        records.len(),
+        apply_secs,
+        records.len() as f64 / apply_secs
+    );
+    println!(
+        "people / patients      {} / {}",
+        population.persons().len(),
+        patients
+    );
+    println!("true same-person pairs {}", truth.len());
+    println!(
+        "auto-links             precision {:.4}  recall {:.4}  F1 {:.4}  false pairs {}",
+        auto.precision, auto.recall, auto.f1, auto.false_pairs
+    );
+    Ok(())
+}
