@@ -62,7 +62,10 @@ pub fn build_sources(
         );
     }
     if settings.sources.hint.enabled {
-        sources.insert(SourceKind::Hint, Arc::new(Hint::new(&settings.sources.hint, metrics.clone())));
+        sources.insert(
+            SourceKind::Hint,
+            Arc::new(Hint::new(&settings.sources.hint, metrics.clone())),
+        );
     }
     sources
 }

@@ -151,12 +151,12 @@ const PLACEHOLDER_FAMILY: &[&str] = &[
 
 /// Whether a given name is a placeholder ("Unknown", "Test", "Baby Girl").
 pub fn is_placeholder_given(s: &str) -> bool {
-    given_name(s).map_or(true, |g| PLACEHOLDER_GIVEN.contains(&g.joined.as_str()))
+    given_name(s).is_none_or(|g| PLACEHOLDER_GIVEN.contains(&g.joined.as_str()))
 }
 
 /// Whether a family name is a placeholder ("Unknown", "Test").
 pub fn is_placeholder_family(s: &str) -> bool {
-    family_name(s).map_or(true, |f| PLACEHOLDER_FAMILY.contains(&f.joined.as_str()))
+    family_name(s).is_none_or(|f| PLACEHOLDER_FAMILY.contains(&f.joined.as_str()))
 }
 
 /// Whether a full name is a stock placeholder even though each half could be real
@@ -466,7 +466,7 @@ pub fn normalize_zip(postal_code: &str, country: Option<&str>) -> Option<String>
         .filter(char::is_ascii_alphanumeric)
         .collect::<String>()
         .to_ascii_lowercase();
-    let us = country.map_or(true, |c| {
+    let us = country.is_none_or(|c| {
         matches!(
             c.trim().to_ascii_lowercase().as_str(),
             "" | "us" | "usa" | "united states" | "united states of america"

@@ -643,13 +643,13 @@ impl HealthieServer {
                 .map(|&i| &table[i].json)
                 .filter(|u| {
                     let id = u["id"].as_str().unwrap_or_default();
-                    ids.as_ref().map_or(true, |ids| ids.iter().any(|x| x == id))
-                        && single_id.map_or(true, |x| x == id)
-                        && email.as_ref().map_or(true, |e| {
+                    ids.as_ref().is_none_or(|ids| ids.iter().any(|x| x == id))
+                        && single_id.is_none_or(|x| x == id)
+                        && email.as_ref().is_none_or(|e| {
                             u["email"].as_str().is_some_and(|x| x.to_lowercase() == *e)
                         })
-                        && group.map_or(true, |g| u["user_group_id"].as_str() == Some(g))
-                        && tags.as_ref().map_or(true, |t| {
+                        && group.is_none_or(|g| u["user_group_id"].as_str() == Some(g))
+                        && tags.as_ref().is_none_or(|t| {
                             u["active_tags"].as_array().is_some_and(|a| {
                                 a.iter()
                                     .any(|tag| t.contains(&tag["id"].as_str().unwrap_or("")))

@@ -330,7 +330,7 @@ pub fn healthie_storm(pop: &mut Population, config: &StormConfig) -> Vec<Healthi
         (Op::Merge, config.merges),
     ]
     .iter()
-    .flat_map(|(op, n)| std::iter::repeat(*op).take(*n))
+    .flat_map(|(op, n)| std::iter::repeat_n(*op, *n))
     .collect();
     ops.shuffle(&mut rng);
     let mut out = Vec::new();

@@ -39,11 +39,26 @@ pub fn settings_for(db_url: &str, healthie_url: &str, extra: &[(&str, &str)]) ->
     let mut env: Vec<(String, String)> = vec![
         ("PATIENT_SYNC_DATABASE__URL".into(), db_url.into()),
         ("PATIENT_SYNC_SERVER__LISTEN".into(), "127.0.0.1:0".into()),
-        ("PATIENT_SYNC_SOURCES__HEALTHIE__API_URL".into(), healthie_url.into()),
-        ("PATIENT_SYNC_SOURCES__HEALTHIE__API_KEY".into(), HealthieConfig::default().api_key),
-        ("PATIENT_SYNC_SOURCES__HEALTHIE__WEBHOOK_SECRET".into(), WEBHOOK_SECRET.into()),
-        ("PATIENT_SYNC_SOURCES__HEALTHIE__REQUESTS_PER_SECOND".into(), "1000".into()),
-        ("PATIENT_SYNC_SOURCES__HEALTHIE__BURST".into(), "1000".into()),
+        (
+            "PATIENT_SYNC_SOURCES__HEALTHIE__API_URL".into(),
+            healthie_url.into(),
+        ),
+        (
+            "PATIENT_SYNC_SOURCES__HEALTHIE__API_KEY".into(),
+            HealthieConfig::default().api_key,
+        ),
+        (
+            "PATIENT_SYNC_SOURCES__HEALTHIE__WEBHOOK_SECRET".into(),
+            WEBHOOK_SECRET.into(),
+        ),
+        (
+            "PATIENT_SYNC_SOURCES__HEALTHIE__REQUESTS_PER_SECOND".into(),
+            "1000".into(),
+        ),
+        (
+            "PATIENT_SYNC_SOURCES__HEALTHIE__BURST".into(),
+            "1000".into(),
+        ),
     ];
     env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     Settings::load_from(None, &env).expect("test settings are valid")
@@ -66,7 +81,9 @@ pub async fn spawn_app(db: Db, people: usize) -> TestApp {
     .await
     .expect("sandbox starts");
     let settings = settings_for(&db.url, &sandbox.healthie_url(), &[]);
-    let app = Application::build(settings).await.expect("application builds");
+    let app = Application::build(settings)
+        .await
+        .expect("application builds");
     let address = format!("http://{}", app.local_addr());
     let store = app.store();
     let worker = app.worker();
@@ -85,7 +102,9 @@ pub async fn spawn_app(db: Db, people: usize) -> TestApp {
 impl TestApp {
     pub fn sender(&self) -> WebhookSender {
         WebhookSender::new(
-            format!("{}/webhooks/healthie", self.address).parse().unwrap(),
+            format!("{}/webhooks/healthie", self.address)
+                .parse()
+                .unwrap(),
             WEBHOOK_SECRET.as_bytes().to_vec(),
         )
     }
@@ -100,15 +119,31 @@ impl TestApp {
     }
 
     pub async fn healthie_user(&self, id: &str) -> serde_json::Value {
-        self.sandbox.population().read().unwrap().healthie_user(id).cloned().expect("user exists")
+        self.sandbox
+            .population()
+            .read()
+            .unwrap()
+            .healthie_user(id)
+            .cloned()
+            .expect("user exists")
     }
 
     pub async fn patient_of(&self, source: SourceKind, id: &str) -> Option<PatientRow> {
-        let link = self.store.load_link(&SourceKey::new(source, id)).await.unwrap()?;
+        let link = self
+            .store
+            .load_link(&SourceKey::new(source, id))
+            .await
+            .unwrap()?;
         self.store.load_patient(&link.patient_id).await.unwrap()
     }
 
     pub async fn inbox_total(&self) -> i64 {
-        self.store.inbox_counts().await.unwrap().iter().map(|c| c.count).sum()
+        self.store
+            .inbox_counts()
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| c.count)
+            .sum()
     }
 }

@@ -30,7 +30,10 @@ async fn a_signed_webhook_lands_in_patients_with_the_fetched_fields(db: Db) {
     assert_eq!((summary.done, summary.dead), (1, 0));
 
     let user = app.healthie_user(&id).await;
-    let row = app.patient_of(SourceKind::Healthie, &id).await.expect("a canonical patient");
+    let row = app
+        .patient_of(SourceKind::Healthie, &id)
+        .await
+        .expect("a canonical patient");
     let expected_given = text(&user, "legal_name").or_else(|| text(&user, "first_name"));
     assert_eq!(row.given_name, expected_given);
     assert_eq!(row.family_name, text(&user, "last_name"));
@@ -40,17 +43,26 @@ async fn a_signed_webhook_lands_in_patients_with_the_fetched_fields(db: Db) {
     );
     assert_eq!(row.email, text(&user, "email").map(|e| e.to_lowercase()));
     assert_eq!(row.healthie_id.as_deref(), Some(id.as_str()));
-    let expected_status = if user["active"].as_bool() == Some(false) { "archived" } else { "active" };
+    let expected_status = if user["active"].as_bool() == Some(false) {
+        "archived"
+    } else {
+        "active"
+    };
     assert_eq!(row.status, expected_status);
     let provenance = app.store.load_field_sources(&row.patient_id).await.unwrap();
-    assert!(provenance.iter().all(|f| f.key.source == SourceKind::Healthie && f.key.id.as_str() == id));
+    assert!(provenance
+        .iter()
+        .all(|f| f.key.source == SourceKind::Healthie && f.key.id.as_str() == id));
     assert!(provenance.iter().any(|f| f.field == "family_name"));
     assert_eq!(
         app.sandbox
             .healthie_counters()
             .user_fields_clear_notifs_false
             .load(std::sync::atomic::Ordering::Relaxed),
-        app.sandbox.healthie_counters().user_fields.load(std::sync::atomic::Ordering::Relaxed),
+        app.sandbox
+            .healthie_counters()
+            .user_fields
+            .load(std::sync::atomic::Ordering::Relaxed),
         "every user(id:) passes clear_notifs: false"
     );
 }
@@ -76,7 +88,11 @@ async fn a_one_byte_change_to_body_digest_or_path_is_rejected_and_stores_nothing
     assert_eq!(path_changed.send(&envelope).await.unwrap(), 401);
 
     assert_eq!(app.inbox_total().await, 0, "nothing stored");
-    assert_eq!(sender.send(&envelope).await.unwrap(), 202, "the untouched delivery passes");
+    assert_eq!(
+        sender.send(&envelope).await.unwrap(),
+        202,
+        "the untouched delivery passes"
+    );
     assert_eq!(app.inbox_total().await, 1);
 }
 
@@ -113,7 +129,11 @@ async fn duplicates_and_reordering_make_one_patient_per_user_and_coalesce_fetche
         let row = app.patient_of(SourceKind::Healthie, u).await;
         assert!(row.is_some(), "every touched user has a canonical patient");
     }
-    let requests = app.sandbox.healthie_counters().requests.load(std::sync::atomic::Ordering::Relaxed);
+    let requests = app
+        .sandbox
+        .healthie_counters()
+        .requests
+        .load(std::sync::atomic::Ordering::Relaxed);
     assert!(
         (requests as usize) < envelopes.len(),
         "{requests} GraphQL requests for {} events",
@@ -141,7 +161,13 @@ async fn duplicates_and_reordering_make_one_patient_per_user_and_coalesce_fetche
 async fn test_and_unknown_events_are_recorded_as_ignored(db: Db) {
     let app = spawn_app(db, 5).await;
     let sender = app.sender();
-    assert_eq!(sender.send(&HealthieEnvelope::test_created("1")).await.unwrap(), 202);
+    assert_eq!(
+        sender
+            .send(&HealthieEnvelope::test_created("1"))
+            .await
+            .unwrap(),
+        202
+    );
     let unknown = HealthieEnvelope::patient("appointment.created", "77", vec![]);
     assert_eq!(sender.send(&unknown).await.unwrap(), 202);
     let counts = app.store.inbox_counts().await.unwrap();
