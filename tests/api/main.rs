@@ -4,5 +4,6 @@
 mod app;
 mod healthie_flow;
 mod helpers;
+mod identity_flow;
 mod pg;
 mod store;
