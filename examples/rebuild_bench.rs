@@ -94,6 +94,22 @@ const FAMILY: &[&str] = &[
     "Hall",
 ];
 
+const SYLLABLES: &[&str] = &[
+    "ka", "lo", "mi", "ren", "sa", "to", "vin", "del", "mar", "ost", "ben", "ric", "ell", "an",
+    "quist", "berg", "son", "ova", "ez", "ley", "ton", "ski", "ford", "well",
+];
+
+fn name(stems: &[&str], rng: &mut StdRng, rare: f64) -> String {
+    let stem = stems[rng.gen_range(0..stems.len())];
+    if rng.gen_bool(rare) {
+        let a = SYLLABLES[rng.gen_range(0..SYLLABLES.len())];
+        let b = SYLLABLES[rng.gen_range(0..SYLLABLES.len())];
+        format!("{stem}{a}{b}")
+    } else {
+        stem.to_string()
+    }
+}
+
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -109,8 +125,10 @@ fn peak_rss_mib() -> f64 {
 
 fn record(key: SourceKey, p: u64, rng: &mut StdRng) -> SourceRecord {
     let mut person = StdRng::seed_from_u64(p);
-    let given = GIVEN[person.gen_range(0..GIVEN.len())];
-    let family = FAMILY[person.gen_range(0..FAMILY.len())];
+    // Name diversity close to a real population: a common stem plus a rare suffix for most.
+    let given = name(GIVEN, &mut person, 0.5);
+    let family = name(FAMILY, &mut person, 0.9);
+    let (given, family) = (given.as_str(), family.as_str());
     let dob = NaiveDate::from_ymd_opt(1940, 1, 1).unwrap()
         + chrono::Duration::days(person.gen_range(0..29_000));
     let phone = format!(
@@ -163,6 +181,10 @@ async fn main() -> anyhow::Result<()> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(100_000);
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let dir = tempfile::tempdir()?;
     let url = format!("sqlite:{}", dir.path().join("bench.sqlite").display());
     let store = store::connect(&url, 4).await?;
