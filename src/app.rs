@@ -85,12 +85,13 @@ impl Application {
                     settings.server.listen
                 )
             })?;
+        let identity = Arc::new(settings.identity.to_identity_settings());
         Ok(Self {
             settings: Arc::new(settings),
             store,
             metrics,
             sources,
-            identity: Arc::new(IdentitySettings::default()),
+            identity,
             listener,
         })
     }

@@ -12,8 +12,9 @@ use serde::Serialize;
 
 use crate::app::{self, Application};
 use crate::config::Settings;
-use crate::model::{InboxId, SourceKind};
-use crate::store::{now_ms, InboxState, Store};
+use crate::model::{InboxId, PatientId, SourceKey, SourceKind};
+use crate::store::{now_ms, InboxState, ReviewState, Store};
+use crate::sync::admin::{self, AdminError};
 
 pub const EXIT_FAILURE: u8 = 1;
 pub const EXIT_CONFIG: u8 = 2;
@@ -76,6 +77,68 @@ pub enum Command {
         /// People in the synthetic population.
         #[arg(long, default_value_t = 120)]
         people: usize,
+    },
+    /// Resolve uncertain matches: list, accept, reject.
+    #[command(subcommand)]
+    Review(ReviewCommand),
+    /// Link a source record (SOURCE:ID) to a patient; automatic matching never undoes it.
+    Link {
+        /// The record, e.g. healthie:123.
+        record: SourceKey,
+        patient_id: String,
+    },
+    /// Split a source record (SOURCE:ID) off into a new patient of its own.
+    Unlink {
+        /// The record, e.g. intakeq:456.
+        record: SourceKey,
+    },
+    /// Inspect canonical patients.
+    #[command(subcommand)]
+    Patient(PatientCommand),
+    /// Import a JSON Lines file, one record per line in the source's own API shape.
+    Import {
+        #[arg(long)]
+        source: SourceKind,
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recompute every link and canonical row from stored source records (no API calls).
+    Rebuild {
+        /// Report what would change without writing anything.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReviewCommand {
+    /// List reviews: id, record, candidate patient, score; open ones with both sides' fields.
+    List {
+        /// Only reviews in this state (default: all).
+        #[arg(long)]
+        state: Option<ReviewState>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Link the review's record to its candidate patient (an admin decision).
+    Accept { id: i64 },
+    /// The record is not this patient: never proposed or linked automatically again.
+    Reject { id: i64 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PatientCommand {
+    /// The canonical row, each field's source record, linked records and link history.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -170,7 +233,157 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             crate::demo::run_demo(settings, dir, people).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Review(cmd) => review(settings, cmd).await,
+        Command::Link { record, patient_id } => {
+            let store = app::open_store(&settings).await?;
+            let identity = settings.identity.to_identity_settings();
+            let patient = PatientId(patient_id);
+            admin_outcome(
+                admin::link_record(store.as_ref(), &record, &patient, &identity, Utc::now()).await,
+                |o| print_link(o, "linked"),
+            )
+        }
+        Command::Unlink { record } => {
+            let store = app::open_store(&settings).await?;
+            let identity = settings.identity.to_identity_settings();
+            admin_outcome(
+                admin::unlink_record(store.as_ref(), &record, &identity, Utc::now()).await,
+                |o| print_link(o, "split off"),
+            )
+        }
+        Command::Patient(PatientCommand::Show { id, json }) => {
+            let store = app::open_store(&settings).await?;
+            admin_outcome(
+                admin::show_patient(store.as_ref(), &PatientId(id)).await,
+                |view| {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&view)?);
+                    } else {
+                        print!("{}", admin::render_patient(&view));
+                    }
+                    Ok(())
+                },
+            )
+        }
+        Command::Import { source, file, json } => import(settings, source, file, json).await,
+        Command::Rebuild { dry_run, json } => rebuild(settings, dry_run, json).await,
     }
+}
+
+/// Prints a successful admin result; an admin refusal (unknown id, already decided) is a
+/// message and exit code 1, a store failure an error.
+fn admin_outcome<T>(
+    result: Result<T, AdminError>,
+    print: impl FnOnce(T) -> anyhow::Result<()>,
+) -> anyhow::Result<ExitCode> {
+    match result {
+        Ok(value) => {
+            print(value)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(AdminError::Store(e)) => Err(e).context("admin command failed"),
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(EXIT_FAILURE))
+        }
+    }
+}
+
+fn print_link(o: admin::LinkOutcome, verb: &str) -> anyhow::Result<()> {
+    match &o.previous_patient_id {
+        Some(prev) if *prev != o.patient_id => println!(
+            "{} {verb}: patient {} (was {}{})",
+            o.key,
+            o.patient_id,
+            prev,
+            if o.previous_merged {
+                ", now merged into it"
+            } else {
+                ""
+            }
+        ),
+        _ => println!("{} {verb}: patient {}", o.key, o.patient_id),
+    }
+    Ok(())
+}
+
+async fn review(settings: Settings, cmd: ReviewCommand) -> anyhow::Result<ExitCode> {
+    let store = app::open_store(&settings).await?;
+    let identity = settings.identity.to_identity_settings();
+    match cmd {
+        ReviewCommand::List { state, limit, json } => admin_outcome(
+            admin::list_reviews(store.as_ref(), state, limit).await,
+            |reviews| {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&reviews)?);
+                } else {
+                    print!("{}", admin::render_reviews(&reviews));
+                }
+                Ok(())
+            },
+        ),
+        ReviewCommand::Accept { id } => admin_outcome(
+            admin::accept_review(store.as_ref(), id, &identity, Utc::now()).await,
+            |o| print_link(o, "linked"),
+        ),
+        ReviewCommand::Reject { id } => admin_outcome(
+            admin::reject_review(store.as_ref(), id, &identity, Utc::now()).await,
+            |r| {
+                println!(
+                    "review {} rejected: {} will not be linked to {}",
+                    r.id, r.key, r.patient_id
+                );
+                Ok(())
+            },
+        ),
+    }
+}
+
+async fn import(
+    settings: Settings,
+    source: SourceKind,
+    file: PathBuf,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let reader = std::fs::File::open(&file)
+        .map(std::io::BufReader::new)
+        .with_context(|| format!("cannot open {}", file.display()))?;
+    let store = app::open_store(&settings).await?;
+    let identity = settings.identity.to_identity_settings();
+    let client = crate::sync::import::offline_source(&settings, source);
+    let summary = crate::sync::import::import_lines(
+        store.as_ref(),
+        client.as_ref(),
+        reader,
+        &identity,
+        Utc::now(),
+    )
+    .await
+    .context("import failed")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print!("{}", summary.render_text());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn rebuild(settings: Settings, dry_run: bool, json: bool) -> anyhow::Result<ExitCode> {
+    let store = app::open_store(&settings).await?;
+    let identity = settings.identity.to_identity_settings();
+    let options = crate::sync::rebuild::RebuildOptions {
+        dry_run,
+        ..Default::default()
+    };
+    let report = crate::sync::rebuild::rebuild(store.as_ref(), &identity, &options, Utc::now())
+        .await
+        .context("rebuild failed")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render_text());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn sync_once(settings: Settings) -> anyhow::Result<ExitCode> {

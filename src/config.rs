@@ -61,7 +61,131 @@ pub struct Settings {
     pub worker: WorkerSettings,
     pub poll: PollSettings,
     pub sources: SourcesSettings,
+    pub identity: IdentityConfig,
     pub log: LogSettings,
+}
+
+/// `[identity]`: matching thresholds, trusted ids, shared contacts and survivorship priorities.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    pub match_threshold: f64,
+    pub review_threshold: f64,
+    pub trusted_id_systems: Vec<String>,
+    pub shared_phones: Vec<String>,
+    pub shared_emails: Vec<String>,
+    pub default_region: String,
+    pub source_priority: Vec<String>,
+    #[serde(default)]
+    pub field_priority: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+/// Canonical fields survivorship ranks (the address is one unit).
+pub const SURVIVORSHIP_FIELDS: &[&str] = &[
+    "given_name",
+    "middle_name",
+    "family_name",
+    "preferred_name",
+    "birth_date",
+    "sex",
+    "gender_identity",
+    "email",
+    "phone",
+    "address",
+];
+
+impl IdentityConfig {
+    /// The matching and survivorship settings every apply, import and rebuild uses. Call after
+    /// [`Settings::validate`]; unknown source names were refused there.
+    pub fn to_identity_settings(&self) -> crate::sync::apply::IdentitySettings {
+        let sources = |names: &[String]| -> Vec<crate::model::SourceKind> {
+            names.iter().filter_map(|n| n.parse().ok()).collect()
+        };
+        crate::sync::apply::IdentitySettings {
+            matching: crate::identity::MatchConfig {
+                match_threshold: self.match_threshold,
+                review_threshold: self.review_threshold,
+                trusted_id_systems: self.trusted_id_systems.clone(),
+                shared_phones: self.shared_phones.clone(),
+                shared_emails: self.shared_emails.clone(),
+                default_region: self.default_region.clone(),
+            },
+            survivorship: crate::identity::SurvivorshipConfig {
+                field_priority: self
+                    .field_priority
+                    .iter()
+                    .map(|(field, order)| (field.clone(), sources(order)))
+                    .collect(),
+                default_priority: sources(&self.source_priority),
+            },
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, why: String| ConfigError::Invalid {
+            key: key.to_string(),
+            why,
+        };
+        if !self.match_threshold.is_finite() {
+            return Err(invalid(
+                "identity.match_threshold",
+                "must be a number".into(),
+            ));
+        }
+        if !self.review_threshold.is_finite() || self.review_threshold >= self.match_threshold {
+            return Err(invalid(
+                "identity.review_threshold",
+                "must be below identity.match_threshold".into(),
+            ));
+        }
+        if self.trusted_id_systems.iter().any(|s| s.trim().is_empty()) {
+            return Err(invalid(
+                "identity.trusted_id_systems",
+                "must not contain an empty name".into(),
+            ));
+        }
+        let region = self.default_region.trim();
+        if region.len() != 2 || !region.chars().all(|c| c.is_ascii_alphabetic()) {
+            return Err(invalid(
+                "identity.default_region",
+                "must be a two-letter ISO 3166 region such as US".into(),
+            ));
+        }
+        fn order(key: &str, names: &[String]) -> Result<(), ConfigError> {
+            let mut seen = std::collections::BTreeSet::new();
+            for name in names {
+                let kind: crate::model::SourceKind =
+                    name.parse().map_err(|e: crate::model::UnknownSource| {
+                        ConfigError::Invalid {
+                            key: key.to_string(),
+                            why: e.to_string(),
+                        }
+                    })?;
+                if !seen.insert(kind) {
+                    return Err(ConfigError::Invalid {
+                        key: key.to_string(),
+                        why: format!("{kind} is listed twice"),
+                    });
+                }
+            }
+            Ok(())
+        }
+        order("identity.source_priority", &self.source_priority)?;
+        for (field, names) in &self.field_priority {
+            let key = format!("identity.field_priority.{field}");
+            if !SURVIVORSHIP_FIELDS.contains(&field.as_str()) {
+                return Err(invalid(
+                    &key,
+                    format!(
+                        "unknown field (expected one of {})",
+                        SURVIVORSHIP_FIELDS.join(", ")
+                    ),
+                ));
+            }
+            order(&key, names)?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -404,6 +528,7 @@ impl Settings {
             n.max_concurrent_requests.into(),
         )?;
         positive("sources.hint.timeout_ms", n.timeout_ms)?;
+        self.identity.validate()?;
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid("log.level", "not a valid filter (RUST_LOG syntax)"));
         }
@@ -505,6 +630,71 @@ mod tests {
         let err = Settings::load_from(None, &env(&[("PATIENT_SYNC_SERVER__LISTEN", "nowhere")]))
             .unwrap_err();
         assert!(err.to_string().contains("server.listen"), "{err}");
+    }
+
+    #[test]
+    fn identity_defaults_match_the_built_in_matching_and_survivorship() {
+        let s = Settings::load_from(None, &[]).unwrap();
+        let identity = s.identity.to_identity_settings();
+        assert_eq!(identity.matching, crate::identity::MatchConfig::default());
+        assert_eq!(
+            identity.survivorship,
+            crate::identity::SurvivorshipConfig::default()
+        );
+    }
+
+    #[test]
+    fn identity_errors_name_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            (
+                "[identity]\nreview_threshold = 30.0\n",
+                "identity.review_threshold",
+            ),
+            (
+                "[identity]\nsource_priority = [\"healthie\", \"athena\"]\n",
+                "identity.source_priority",
+            ),
+            (
+                "[identity]\nsource_priority = [\"hint\", \"hint\"]\n",
+                "identity.source_priority",
+            ),
+            (
+                "[identity.field_priority]\nemail = [\"nope\"]\n",
+                "identity.field_priority.email",
+            ),
+            (
+                "[identity.field_priority]\nshoe_size = [\"hint\"]\n",
+                "identity.field_priority.shoe_size",
+            ),
+            (
+                "[identity]\ndefault_region = \"USA\"\n",
+                "identity.default_region",
+            ),
+        ];
+        for (i, (text, key)) in cases.into_iter().enumerate() {
+            let path = dir.path().join(format!("c{i}.toml"));
+            std::fs::write(&path, text).unwrap();
+            let err = Settings::load_from(Some(&path), &[]).unwrap_err();
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
+        let path = dir.path().join("ok.toml");
+        std::fs::write(
+            &path,
+            "[identity]\nmatch_threshold = 30.0\nshared_phones = [\"555-0100\"]\n[identity.field_priority]\nemail = [\"intakeq\"]\n",
+        )
+        .unwrap();
+        let s = Settings::load_from(Some(&path), &[]).unwrap();
+        let identity = s.identity.to_identity_settings();
+        assert_eq!(identity.matching.match_threshold, 30.0);
+        assert_eq!(
+            identity.matching.shared_phones,
+            vec!["555-0100".to_string()]
+        );
+        assert_eq!(
+            identity.survivorship.field_priority["email"],
+            vec![crate::model::SourceKind::Intakeq]
+        );
     }
 
     #[test]

@@ -353,6 +353,58 @@ pub struct SyncState {
     pub updated_at: DateTime<Utc>,
 }
 
+/// The state of a review of an uncertain (record, patient) pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReviewState {
+    Open,
+    /// An admin linked the record to the patient.
+    Accepted,
+    /// An admin said the record is not this patient: never linked or proposed again.
+    Rejected,
+}
+
+impl ReviewState {
+    pub const ALL: [ReviewState; 3] = [
+        ReviewState::Open,
+        ReviewState::Accepted,
+        ReviewState::Rejected,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReviewState::Open => "open",
+            ReviewState::Accepted => "accepted",
+            ReviewState::Rejected => "rejected",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        ReviewState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+impl std::str::FromStr for ReviewState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ReviewState::parse(s).ok_or_else(|| "expected open, accepted or rejected".to_string())
+    }
+}
+
+/// A candidate pair in the review queue. `score` is 0 for pairs an admin recorded directly
+/// (`link`, `unlink`) without a proposal.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Review {
+    pub id: i64,
+    pub key: SourceKey,
+    pub patient_id: PatientId,
+    pub score: f64,
+    pub state: ReviewState,
+    pub created_at: DateTime<Utc>,
+    pub decided_at: Option<DateTime<Utc>>,
+    pub decided_by: Option<String>,
+}
+
 /// Read and queue operations, each its own short transaction.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -421,6 +473,45 @@ pub trait Store: Send + Sync + 'static {
         stream: &str,
     ) -> StoreResult<Option<SyncState>>;
     async fn save_sync_state(&self, state: &SyncState) -> StoreResult<()>;
+
+    /// Reviews in `state` (all states when `None`), oldest first.
+    async fn list_reviews(
+        &self,
+        state: Option<ReviewState>,
+        limit: u32,
+    ) -> StoreResult<Vec<Review>>;
+    /// Every link of a patient, by record key.
+    async fn load_patient_links(&self, patient_id: &PatientId) -> StoreResult<Vec<Link>>;
+    /// Link history naming a patient (as the new or the previous patient), oldest first.
+    async fn load_patient_link_events(&self, patient_id: &PatientId)
+        -> StoreResult<Vec<LinkEvent>>;
+    /// One page of source records in key order `(source, source_id)`, strictly after `after`.
+    /// Without `with_raw` the payload is left out (`raw` is JSON null), which is what matching
+    /// and survivorship need and keeps a full scan light.
+    async fn load_source_records_page(
+        &self,
+        after: Option<&SourceKey>,
+        limit: u32,
+        with_raw: bool,
+    ) -> StoreResult<Vec<SourceRecord>>;
+    /// One page of links in key order, strictly after `after`.
+    async fn load_links_page(
+        &self,
+        after: Option<&SourceKey>,
+        limit: u32,
+    ) -> StoreResult<Vec<Link>>;
+    /// One page of canonical rows in `patient_id` order, strictly after `after`.
+    async fn load_patients_page(
+        &self,
+        after: Option<&PatientId>,
+        limit: u32,
+    ) -> StoreResult<Vec<PatientRow>>;
+    /// One page of blocking keys in `(source, source_id, key)` order, strictly after `after`.
+    async fn load_match_keys_page(
+        &self,
+        after: Option<&(SourceKey, String)>,
+        limit: u32,
+    ) -> StoreResult<Vec<(SourceKey, String)>>;
 }
 
 /// Writes that must commit together: a source record, its link and the canonical row it
@@ -477,6 +568,17 @@ pub trait StoreTx: Send {
         key: &SourceKey,
         patient_id: &PatientId,
         score: f64,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()>;
+    async fn load_review(&mut self, id: i64) -> StoreResult<Option<Review>>;
+    /// Records an admin's verdict on the pair (record, patient): updates its review, or adds one
+    /// (score 0) when the pair was never proposed.
+    async fn save_review_decision(
+        &mut self,
+        key: &SourceKey,
+        patient_id: &PatientId,
+        state: ReviewState,
+        decided_by: &str,
         now: DateTime<Utc>,
     ) -> StoreResult<()>;
     async fn commit(self: Box<Self>) -> StoreResult<()>;

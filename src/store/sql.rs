@@ -24,8 +24,8 @@ macro_rules! impl_store {
         };
         use crate::store::{
             Backend, FieldSource, InboxCount, InboxItem, InboxState, InsertOutcome, Link,
-            LinkEvent, LinkMethod, NewInboxItem, PatientRow, RetryAt, SaveOutcome, Store,
-            StoreError, StoreResult, StoreTx, SyncState,
+            LinkEvent, LinkMethod, NewInboxItem, PatientRow, RetryAt, Review, ReviewState,
+            SaveOutcome, Store, StoreError, StoreResult, StoreTx, SyncState,
         };
 
         type DbRow = <$Db as sqlx::Database>::Row;
@@ -39,6 +39,29 @@ macro_rules! impl_store {
              healthie_id, intakeq_id, hint_id, status, merged_into, first_seen_at, updated_at, version";
         const LINK_COLUMNS: &str =
             "source, source_id, patient_id, method, rule, score, decided_by, decided_at";
+        const REVIEW_COLUMNS: &str =
+            "id, source, source_id, patient_id, score, state, created_at, decided_at, decided_by";
+        const LINK_EVENT_COLUMNS: &str =
+            "source, source_id, action, patient_id, previous_patient_id, method, rule, score, decided_by, at";
+
+        fn review_from_row(row: &DbRow) -> StoreResult<Review> {
+            let state: String = row.try_get("state")?;
+            Ok(Review {
+                id: row.try_get("id")?,
+                key: SourceKey::new(
+                    parse_source(row.try_get::<&str, _>("source")?)?,
+                    row.try_get::<String, _>("source_id")?,
+                ),
+                patient_id: PatientId(row.try_get("patient_id")?),
+                score: row.try_get("score")?,
+                state: ReviewState::parse(&state).ok_or_else(|| {
+                    StoreError::corrupt("review state", crate::store::sql::BadValue("state"))
+                })?,
+                created_at: row.try_get("created_at")?,
+                decided_at: row.try_get("decided_at")?,
+                decided_by: row.try_get("decided_by")?,
+            })
+        }
 
         fn parse_source(s: &str) -> StoreResult<SourceKind> {
             s.parse().map_err(|e| StoreError::corrupt("source", e))
@@ -463,10 +486,10 @@ macro_rules! impl_store {
             }
 
             async fn load_link_events(&self, key: &SourceKey) -> StoreResult<Vec<LinkEvent>> {
-                let rows = sqlx::query(
-                    "SELECT source, source_id, action, patient_id, previous_patient_id, method, rule, score, decided_by, at \
-                     FROM link_events WHERE source = $1 AND source_id = $2 ORDER BY id",
-                )
+                let sql = format!(
+                    "SELECT {LINK_EVENT_COLUMNS} FROM link_events WHERE source = $1 AND source_id = $2 ORDER BY id"
+                );
+                let rows = sqlx::query(&sql)
                 .bind(key.source.as_str())
                 .bind(key.id.as_str())
                 .fetch_all(&self.pool)
@@ -511,6 +534,138 @@ macro_rules! impl_store {
                 .execute(&self.pool)
                 .await?;
                 Ok(())
+            }
+
+            async fn list_reviews(&self, state: Option<ReviewState>, limit: u32) -> StoreResult<Vec<Review>> {
+                let sql = format!(
+                    "SELECT {REVIEW_COLUMNS} FROM match_reviews WHERE ($1 IS NULL OR state = $1) ORDER BY id LIMIT $2"
+                );
+                let rows = sqlx::query(&sql)
+                    .bind(state.map(|s| s.as_str()))
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(review_from_row).collect()
+            }
+
+            async fn load_patient_links(&self, patient_id: &PatientId) -> StoreResult<Vec<Link>> {
+                let sql = format!("SELECT {LINK_COLUMNS} FROM links WHERE patient_id = $1 ORDER BY source, source_id");
+                let rows = sqlx::query(&sql).bind(patient_id.as_str()).fetch_all(&self.pool).await?;
+                rows.iter().map(link_from_row).collect()
+            }
+
+            async fn load_patient_link_events(&self, patient_id: &PatientId) -> StoreResult<Vec<LinkEvent>> {
+                let sql = format!(
+                    "SELECT {LINK_EVENT_COLUMNS} FROM link_events WHERE id IN \
+                     (SELECT id FROM link_events WHERE patient_id = $1 UNION SELECT id FROM link_events WHERE previous_patient_id = $1) \
+                     ORDER BY id"
+                );
+                let rows = sqlx::query(&sql).bind(patient_id.as_str()).fetch_all(&self.pool).await?;
+                rows.iter().map(link_event_from_row).collect()
+            }
+
+            async fn load_source_records_page(
+                &self,
+                after: Option<&SourceKey>,
+                limit: u32,
+                with_raw: bool,
+            ) -> StoreResult<Vec<SourceRecord>> {
+                let columns = if with_raw {
+                    RECORD_COLUMNS.to_string()
+                } else {
+                    RECORD_COLUMNS.replace(", raw", ", 'null' AS raw")
+                };
+                let rows = match after {
+                    None => {
+                        let sql = format!("SELECT {columns} FROM source_records ORDER BY source, source_id LIMIT $1");
+                        sqlx::query(&sql).bind(i64::from(limit)).fetch_all(&self.pool).await?
+                    }
+                    Some(after) => {
+                        let sql = format!(
+                            "SELECT {columns} FROM source_records WHERE (source, source_id) > ($1, $2) \
+                             ORDER BY source, source_id LIMIT $3"
+                        );
+                        sqlx::query(&sql)
+                            .bind(after.source.as_str())
+                            .bind(after.id.as_str())
+                            .bind(i64::from(limit))
+                            .fetch_all(&self.pool)
+                            .await?
+                    }
+                };
+                rows.iter().map(record_from_row).collect()
+            }
+
+            async fn load_links_page(&self, after: Option<&SourceKey>, limit: u32) -> StoreResult<Vec<Link>> {
+                let rows = match after {
+                    None => {
+                        let sql = format!("SELECT {LINK_COLUMNS} FROM links ORDER BY source, source_id LIMIT $1");
+                        sqlx::query(&sql).bind(i64::from(limit)).fetch_all(&self.pool).await?
+                    }
+                    Some(after) => {
+                        let sql = format!(
+                            "SELECT {LINK_COLUMNS} FROM links WHERE (source, source_id) > ($1, $2) \
+                             ORDER BY source, source_id LIMIT $3"
+                        );
+                        sqlx::query(&sql)
+                            .bind(after.source.as_str())
+                            .bind(after.id.as_str())
+                            .bind(i64::from(limit))
+                            .fetch_all(&self.pool)
+                            .await?
+                    }
+                };
+                rows.iter().map(link_from_row).collect()
+            }
+
+            async fn load_patients_page(&self, after: Option<&PatientId>, limit: u32) -> StoreResult<Vec<PatientRow>> {
+                let sql = format!(
+                    "SELECT {PATIENT_COLUMNS} FROM patients WHERE patient_id > $1 ORDER BY patient_id LIMIT $2"
+                );
+                let rows = sqlx::query(&sql)
+                    .bind(after.map(|p| p.as_str()).unwrap_or(""))
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(patient_from_row).collect()
+            }
+
+            async fn load_match_keys_page(
+                &self,
+                after: Option<&(SourceKey, String)>,
+                limit: u32,
+            ) -> StoreResult<Vec<(SourceKey, String)>> {
+                let rows = match after {
+                    None => {
+                        sqlx::query("SELECT source, source_id, key FROM match_keys ORDER BY source, source_id, key LIMIT $1")
+                            .bind(i64::from(limit))
+                            .fetch_all(&self.pool)
+                            .await?
+                    }
+                    Some((record, key)) => {
+                        sqlx::query(
+                            "SELECT source, source_id, key FROM match_keys WHERE (source, source_id, key) > ($1, $2, $3) \
+                             ORDER BY source, source_id, key LIMIT $4",
+                        )
+                        .bind(record.source.as_str())
+                        .bind(record.id.as_str())
+                        .bind(key)
+                        .bind(i64::from(limit))
+                        .fetch_all(&self.pool)
+                        .await?
+                    }
+                };
+                rows.iter()
+                    .map(|row| {
+                        Ok((
+                            SourceKey::new(
+                                parse_source(row.try_get::<&str, _>("source")?)?,
+                                row.try_get::<String, _>("source_id")?,
+                            ),
+                            row.try_get("key")?,
+                        ))
+                    })
+                    .collect()
             }
         }
 
@@ -790,6 +945,37 @@ macro_rules! impl_store {
                 .bind(patient_id.as_str())
                 .bind(score)
                 .bind(now)
+                .execute(&mut *self.tx)
+                .await?;
+                Ok(())
+            }
+
+            async fn load_review(&mut self, id: i64) -> StoreResult<Option<Review>> {
+                let sql = format!("SELECT {REVIEW_COLUMNS} FROM match_reviews WHERE id = $1");
+                let row = sqlx::query(&sql).bind(id).fetch_optional(&mut *self.tx).await?;
+                row.as_ref().map(review_from_row).transpose()
+            }
+
+            async fn save_review_decision(
+                &mut self,
+                key: &SourceKey,
+                patient_id: &PatientId,
+                state: ReviewState,
+                decided_by: &str,
+                now: DateTime<Utc>,
+            ) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO match_reviews (source, source_id, patient_id, score, state, created_at, decided_at, decided_by) \
+                     VALUES ($1, $2, $3, 0, $4, $5, $5, $6) \
+                     ON CONFLICT (source, source_id, patient_id) DO UPDATE SET state = excluded.state, \
+                     decided_at = excluded.decided_at, decided_by = excluded.decided_by",
+                )
+                .bind(key.source.as_str())
+                .bind(key.id.as_str())
+                .bind(patient_id.as_str())
+                .bind(state.as_str())
+                .bind(now)
+                .bind(decided_by)
                 .execute(&mut *self.tx)
                 .await?;
                 Ok(())

@@ -2,5 +2,8 @@
 
 pub mod poll;
 
+pub mod admin;
 pub mod apply;
+pub mod import;
+pub mod rebuild;
 pub mod worker;

@@ -6,6 +6,7 @@ mod cli;
 mod crash;
 mod healthie_flow;
 mod helpers;
+mod identity_flow;
 mod pg;
 mod phi;
 mod sources_flow;

@@ -1,0 +1,905 @@
+//! `rebuild`: recomputes every link and canonical row from the stored source records, with no
+//! API call. Source records are the truth (DESIGN invariant 5); running it twice changes
+//! nothing; admin decisions stick (invariant 9).
+//!
+//! Shape, built for a million records on a small machine:
+//!
+//! 1. **Load** every source record in key order `(source, source_id)`, in pages, without its raw
+//!    payload (matching and survivorship read normalized fields only). Blocking keys are
+//!    computed in memory on every core and kept as 64-bit hashes in one sorted array
+//!    `(hash, record)`; a hash collision only adds a candidate that `decide` then turns down.
+//!    Current links and rejected pairs are read in pages too.
+//! 2. **Cluster** in key order, the way records would arrive one by one: an admin-linked record
+//!    goes to its patient's cluster; a record an upstream merged away follows its surviving
+//!    record; any other record runs [`identity::decide`] against the clusters its keys reach.
+//!    A cluster is rejected for a record when an admin rejected the pair in either direction.
+//! 3. **Name** each cluster: an admin's patient keeps its id; any other cluster takes the
+//!    patient most of its records are linked to now (largest first, each id used once), or a
+//!    new id. So a record keeps its patient when the new decision agrees, and only links whose
+//!    decision changed move (with `link_events`).
+//! 4. **Write** in large transactions: moved and new links, canonical rows whose values changed
+//!    (compared like `refresh_patient`, so an unchanged row gets no new version), rows left
+//!    without records (`merged` into where their records went, else `deleted`), blocking keys
+//!    whose set changed, and review proposals (idempotent inserts).
+//!
+//! Run it with the workers stopped: it reads a snapshot and writes its result in batches.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tracing::{info, instrument};
+
+use crate::identity::{self, Candidate, LinkTarget};
+use crate::model::{PatientId, RecordStatus, SourceKey, SourceRecord};
+use crate::store::{
+    Link, LinkEvent, LinkMethod, PatientRow, ReviewState, Store, StoreResult, StoreTx,
+};
+use crate::sync::apply::IdentitySettings;
+
+/// How a rebuild runs.
+#[derive(Debug, Clone)]
+pub struct RebuildOptions {
+    /// Compute and report, write nothing.
+    pub dry_run: bool,
+    /// Rows read per page.
+    pub page_size: u32,
+    /// Writes per transaction.
+    pub batch_writes: usize,
+    /// A blocking key shared by more records than this is skipped as a candidate source (a
+    /// placeholder or clinic contact nobody configured); the other keys still find matches.
+    pub max_key_fanout: usize,
+}
+
+impl Default for RebuildOptions {
+    fn default() -> Self {
+        Self {
+            dry_run: false,
+            page_size: 10_000,
+            batch_writes: 5_000,
+            max_key_fanout: 5_000,
+        }
+    }
+}
+
+/// What a rebuild did (or, dry, would do). Counts only.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RebuildReport {
+    pub dry_run: bool,
+    pub records: u64,
+    pub patients: u64,
+    pub links_unchanged: u64,
+    pub links_created: u64,
+    pub links_moved: u64,
+    pub manual_links_kept: u64,
+    pub patients_created: u64,
+    pub patients_updated: u64,
+    pub patients_retired: u64,
+    pub match_keys_rewritten: u64,
+    pub review_proposals: u64,
+    pub elapsed_ms: u64,
+}
+
+impl RebuildReport {
+    pub fn render_text(&self) -> String {
+        format!(
+            "rebuild{}: {} records, {} patients\n  links: {} unchanged, {} created, {} moved ({} admin links kept)\n  \
+             patients: {} created, {} updated, {} retired\n  match keys rewritten for {} records; {} review proposals\n  took {:.1}s\n",
+            if self.dry_run { " (dry run, nothing written)" } else { "" },
+            self.records,
+            self.patients,
+            self.links_unchanged,
+            self.links_created,
+            self.links_moved,
+            self.manual_links_kept,
+            self.patients_created,
+            self.patients_updated,
+            self.patients_retired,
+            self.match_keys_rewritten,
+            self.review_proposals,
+            self.elapsed_ms as f64 / 1000.0
+        )
+    }
+
+    /// Whether the rebuild changed (or would change) anything.
+    pub fn changes(&self) -> u64 {
+        self.links_created
+            + self.links_moved
+            + self.patients_created
+            + self.patients_updated
+            + self.patients_retired
+            + self.match_keys_rewritten
+    }
+}
+
+const NONE: u32 = u32::MAX;
+
+/// A record's current link, with the patient interned.
+#[derive(Clone, Copy)]
+struct Current {
+    patient: u32,
+    manual: bool,
+}
+
+/// The automatic decision for a record.
+#[derive(Clone)]
+struct Decided {
+    method: LinkMethod,
+    rule: Option<String>,
+    score: Option<f64>,
+}
+
+struct Cluster {
+    members: Vec<u32>,
+    /// The admin-linked patient this cluster is.
+    seed: Option<u32>,
+}
+
+/// Interned patient ids.
+#[derive(Default)]
+struct Patients {
+    ids: Vec<PatientId>,
+    index: HashMap<PatientId, u32>,
+}
+
+impl Patients {
+    fn intern(&mut self, id: &PatientId) -> u32 {
+        if let Some(&i) = self.index.get(id) {
+            return i;
+        }
+        let i = self.ids.len() as u32;
+        self.ids.push(id.clone());
+        self.index.insert(id.clone(), i);
+        i
+    }
+}
+
+fn hash_key(key: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
+}
+
+/// Order-independent fingerprint of a key set, accumulated one key hash at a time (the two
+/// backends may sort text differently).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Fingerprint {
+    sum: u64,
+    count: u64,
+}
+
+impl Fingerprint {
+    fn add(&mut self, hash: u64) {
+        self.sum = self
+            .sum
+            .wrapping_add(hash.rotate_left(7) ^ 0x9e37_79b9_7f4a_7c15);
+        self.count += 1;
+    }
+}
+
+/// Everything loaded for a rebuild.
+struct Loaded {
+    records: Vec<SourceRecord>,
+    /// Indexes into `records`, sorted by `SourceKey`'s own order, for lookups.
+    by_key: Vec<u32>,
+    /// Flat key hashes per record: `key_hashes[key_offsets[i]..key_offsets[i + 1]]`.
+    key_hashes: Vec<u64>,
+    key_offsets: Vec<u32>,
+    fingerprints: Vec<Fingerprint>,
+    /// `(hash, record)`, sorted.
+    index: Vec<(u64, u32)>,
+    current: Vec<Option<Current>>,
+    patients: Patients,
+    /// (record, patient) pairs an admin rejected.
+    rejected: HashSet<(u32, u32)>,
+}
+
+impl Loaded {
+    fn find(&self, key: &SourceKey) -> Option<u32> {
+        self.by_key
+            .binary_search_by(|&i| self.records[i as usize].key.cmp(key))
+            .ok()
+            .map(|pos| self.by_key[pos])
+    }
+
+    fn hashes(&self, i: u32) -> &[u64] {
+        let i = i as usize;
+        &self.key_hashes[self.key_offsets[i] as usize..self.key_offsets[i + 1] as usize]
+    }
+}
+
+/// Recomputes every link and canonical row from stored source records.
+#[instrument(skip_all, fields(dry_run = options.dry_run))]
+pub async fn rebuild(
+    store: &dyn Store,
+    settings: &IdentitySettings,
+    options: &RebuildOptions,
+    now: DateTime<Utc>,
+) -> StoreResult<RebuildReport> {
+    let started = Instant::now();
+    let mut report = RebuildReport {
+        dry_run: options.dry_run,
+        ..Default::default()
+    };
+    let loaded = load(store, settings, options).await?;
+    report.records = loaded.records.len() as u64;
+    info!(
+        records = loaded.records.len(),
+        keys = loaded.index.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "Rebuild loaded the source records."
+    );
+
+    let (cluster_of, clusters, decided, proposals) = cluster(&loaded, settings, options);
+    let mut patients = loaded.patients;
+    let names = name_clusters(&clusters, &loaded.current, &mut patients);
+    let loaded = Loaded { patients, ..loaded };
+    report.patients = clusters.len() as u64;
+    info!(
+        patients = clusters.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "Rebuild clustered the records."
+    );
+
+    let mut writer = Writer::new(store, options);
+
+    // Links.
+    for (i, record) in loaded.records.iter().enumerate() {
+        let target = names[cluster_of[i] as usize];
+        match loaded.current[i] {
+            Some(cur) if cur.patient == target => {
+                report.links_unchanged += 1;
+                if cur.manual {
+                    report.manual_links_kept += 1;
+                }
+            }
+            previous => {
+                let d = decided[i].clone().unwrap_or(Decided {
+                    method: LinkMethod::New,
+                    rule: None,
+                    score: None,
+                });
+                let patient_id = loaded.patients.ids[target as usize].clone();
+                let previous_patient_id =
+                    previous.map(|p| loaded.patients.ids[p.patient as usize].clone());
+                if previous.is_some() {
+                    report.links_moved += 1;
+                } else {
+                    report.links_created += 1;
+                }
+                let rule = d.rule.clone().or_else(|| Some("rebuild".into()));
+                let link = Link {
+                    key: record.key.clone(),
+                    patient_id: patient_id.clone(),
+                    method: d.method,
+                    rule: rule.clone(),
+                    score: d.score,
+                    decided_by: "auto".into(),
+                    decided_at: now,
+                };
+                let event = LinkEvent {
+                    key: record.key.clone(),
+                    action: if previous.is_some() { "relink" } else { "link" }.into(),
+                    patient_id: Some(patient_id),
+                    previous_patient_id,
+                    method: d.method,
+                    rule,
+                    score: d.score,
+                    decided_by: "auto".into(),
+                    at: now,
+                };
+                if let Some(tx) = writer.tx().await? {
+                    tx.save_link(&link, &event).await?;
+                }
+                writer.wrote().await?;
+            }
+        }
+    }
+
+    // Review proposals: idempotent inserts, skipped for pairs already reviewed.
+    for (record, cluster, score) in &proposals {
+        let patient = names[*cluster as usize];
+        if loaded.rejected.contains(&(*record, patient)) {
+            continue;
+        }
+        report.review_proposals += 1;
+        if let Some(tx) = writer.tx().await? {
+            tx.open_review(
+                &loaded.records[*record as usize].key,
+                &loaded.patients.ids[patient as usize],
+                *score,
+                now,
+            )
+            .await?;
+        }
+        writer.wrote().await?;
+    }
+
+    // Canonical rows: every stored row is compared with its recomputation.
+    let mut cluster_of_patient: HashMap<u32, u32> = HashMap::new();
+    for (c, &p) in names.iter().enumerate() {
+        cluster_of_patient.insert(p, c as u32);
+    }
+    // Where a patient's records went, for rows left empty.
+    let mut went_to: HashMap<u32, BTreeMap<u32, u32>> = HashMap::new();
+    for (i, cur) in loaded.current.iter().enumerate() {
+        if let Some(cur) = cur {
+            let target = names[cluster_of[i] as usize];
+            if target != cur.patient {
+                *went_to
+                    .entry(cur.patient)
+                    .or_default()
+                    .entry(target)
+                    .or_default() += 1;
+            }
+        }
+    }
+    let mut seen = vec![false; clusters.len()];
+    let mut after: Option<PatientId> = None;
+    loop {
+        let page = store
+            .load_patients_page(after.as_ref(), options.page_size)
+            .await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.patient_id.clone());
+        for old in page {
+            let cluster = loaded
+                .patients
+                .index
+                .get(&old.patient_id)
+                .and_then(|p| cluster_of_patient.get(p))
+                .copied();
+            match cluster {
+                Some(c) => {
+                    seen[c as usize] = true;
+                    let members: Vec<SourceRecord> = clusters[c as usize]
+                        .members
+                        .iter()
+                        .map(|&m| loaded.records[m as usize].clone())
+                        .collect();
+                    let golden = identity::golden_record(
+                        &old.patient_id,
+                        &members,
+                        &settings.survivorship,
+                        now,
+                    );
+                    if let Some(row) = next_row(golden.row, Some(&old), now) {
+                        report.patients_updated += 1;
+                        if let Some(tx) = writer.tx().await? {
+                            tx.save_patient(&row, &golden.provenance).await?;
+                        }
+                        writer.wrote().await?;
+                    }
+                }
+                None if old.status != "merged" && old.status != "deleted" => {
+                    let into = loaded
+                        .patients
+                        .index
+                        .get(&old.patient_id)
+                        .and_then(|p| went_to.get(p))
+                        .and_then(|targets| {
+                            targets
+                                .iter()
+                                .max_by_key(|(p, n)| (**n, std::cmp::Reverse(**p)))
+                                .map(|(p, _)| loaded.patients.ids[*p as usize].clone())
+                        });
+                    let mut row = old;
+                    row.status = if into.is_some() { "merged" } else { "deleted" }.into();
+                    row.merged_into = into;
+                    row.updated_at = now;
+                    row.version += 1;
+                    report.patients_retired += 1;
+                    if let Some(tx) = writer.tx().await? {
+                        tx.save_patient(&row, &[]).await?;
+                    }
+                    writer.wrote().await?;
+                }
+                None => {}
+            }
+        }
+    }
+    for (c, cluster) in clusters.iter().enumerate() {
+        if seen[c] {
+            continue;
+        }
+        let patient_id = loaded.patients.ids[names[c] as usize].clone();
+        let members: Vec<SourceRecord> = cluster
+            .members
+            .iter()
+            .map(|&m| loaded.records[m as usize].clone())
+            .collect();
+        let golden = identity::golden_record(&patient_id, &members, &settings.survivorship, now);
+        if let Some(row) = next_row(golden.row, None, now) {
+            report.patients_created += 1;
+            if let Some(tx) = writer.tx().await? {
+                tx.save_patient(&row, &golden.provenance).await?;
+            }
+            writer.wrote().await?;
+        }
+    }
+
+    // Blocking keys: rewritten only for records whose key set changed.
+    let mut stored: Vec<Option<Fingerprint>> = vec![None; loaded.records.len()];
+    let mut after: Option<(SourceKey, String)> = None;
+    loop {
+        let page = store
+            .load_match_keys_page(after.as_ref(), options.page_size)
+            .await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.clone());
+        for (key, k) in &page {
+            if let Some(i) = loaded.find(key) {
+                stored[i as usize]
+                    .get_or_insert_with(Fingerprint::default)
+                    .add(hash_key(k));
+            }
+        }
+    }
+    for (i, record) in loaded.records.iter().enumerate() {
+        if stored[i] != Some(loaded.fingerprints[i]) {
+            report.match_keys_rewritten += 1;
+            if let Some(tx) = writer.tx().await? {
+                let keys = identity::record_blocking_keys(record, &settings.matching);
+                tx.replace_match_keys(&record.key, &keys).await?;
+            }
+            writer.wrote().await?;
+        }
+    }
+    writer.finish().await?;
+    report.elapsed_ms = started.elapsed().as_millis() as u64;
+    info!(
+        records = report.records,
+        patients = report.patients,
+        links_moved = report.links_moved,
+        links_created = report.links_created,
+        patients_updated = report.patients_updated,
+        elapsed_ms = report.elapsed_ms,
+        "Rebuild finished."
+    );
+    Ok(report)
+}
+
+/// The row to save for a recomputed golden row, or `None` when the stored values are the same
+/// (then no new version). Mirrors `apply::refresh_patient`.
+fn next_row(
+    mut row: PatientRow,
+    previous: Option<&PatientRow>,
+    now: DateTime<Utc>,
+) -> Option<PatientRow> {
+    match previous {
+        Some(old) => {
+            let mut comparable = row.clone();
+            comparable.first_seen_at = old.first_seen_at;
+            comparable.updated_at = old.updated_at;
+            comparable.version = old.version;
+            comparable.merged_into = old.merged_into.clone();
+            if comparable == *old {
+                return None;
+            }
+            row.first_seen_at = old.first_seen_at;
+            row.version = old.version + 1;
+        }
+        None => {
+            row.first_seen_at = now;
+            row.version = 1;
+        }
+    }
+    row.updated_at = now;
+    row.merged_into = None;
+    Some(row)
+}
+
+async fn load(
+    store: &dyn Store,
+    settings: &IdentitySettings,
+    options: &RebuildOptions,
+) -> StoreResult<Loaded> {
+    let mut records: Vec<SourceRecord> = Vec::new();
+    let mut after: Option<SourceKey> = None;
+    loop {
+        let page = store
+            .load_source_records_page(after.as_ref(), options.page_size, false)
+            .await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.key.clone());
+        records.extend(page);
+    }
+    let mut by_key: Vec<u32> = (0..records.len() as u32).collect();
+    by_key.sort_by(|&a, &b| records[a as usize].key.cmp(&records[b as usize].key));
+
+    // Blocking keys on every core: normalisation (phones especially) is the costly part.
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .max(1);
+    let chunk = records.len().div_ceil(threads).max(1);
+    let per_chunk: Vec<Vec<(Vec<u64>, Fingerprint)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = records
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(|| {
+                    part.iter()
+                        .map(|r| {
+                            let keys = identity::record_blocking_keys(r, &settings.matching);
+                            let hashes: Vec<u64> = keys.iter().map(|k| hash_key(k)).collect();
+                            let mut fp = Fingerprint::default();
+                            hashes.iter().for_each(|&h| fp.add(h));
+                            (hashes, fp)
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("key computation does not panic"))
+            .collect()
+    });
+    let mut key_hashes = Vec::new();
+    let mut key_offsets = Vec::with_capacity(records.len() + 1);
+    let mut fingerprints = Vec::with_capacity(records.len());
+    key_offsets.push(0u32);
+    for (hashes, fp) in per_chunk.into_iter().flatten() {
+        key_hashes.extend(hashes);
+        key_offsets.push(key_hashes.len() as u32);
+        fingerprints.push(fp);
+    }
+    let mut index: Vec<(u64, u32)> = Vec::with_capacity(key_hashes.len());
+    for i in 0..records.len() {
+        for &h in &key_hashes[key_offsets[i] as usize..key_offsets[i + 1] as usize] {
+            index.push((h, i as u32));
+        }
+    }
+    index.sort_unstable();
+    index.dedup();
+
+    let mut loaded = Loaded {
+        current: vec![None; records.len()],
+        records,
+        by_key,
+        key_hashes,
+        key_offsets,
+        fingerprints,
+        index,
+        patients: Patients::default(),
+        rejected: HashSet::new(),
+    };
+
+    let mut after: Option<SourceKey> = None;
+    loop {
+        let page = store
+            .load_links_page(after.as_ref(), options.page_size)
+            .await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.key.clone());
+        for link in page {
+            if let Some(i) = loaded.find(&link.key) {
+                let patient = loaded.patients.intern(&link.patient_id);
+                loaded.current[i as usize] = Some(Current {
+                    patient,
+                    manual: link.is_manual(),
+                });
+            }
+        }
+    }
+    for review in store
+        .list_reviews(Some(ReviewState::Rejected), u32::MAX)
+        .await?
+    {
+        if let Some(i) = loaded.find(&review.key) {
+            let patient = loaded.patients.intern(&review.patient_id);
+            loaded.rejected.insert((i, patient));
+        }
+    }
+    Ok(loaded)
+}
+
+type Clustering = (
+    Vec<u32>,
+    Vec<Cluster>,
+    Vec<Option<Decided>>,
+    Vec<(u32, u32, f64)>,
+);
+
+/// Assigns every record to a cluster, in key order. Returns the cluster of each record, the
+/// clusters, each record's automatic decision and the review proposals `(record, cluster,
+/// score)`.
+fn cluster(loaded: &Loaded, settings: &IdentitySettings, options: &RebuildOptions) -> Clustering {
+    let n = loaded.records.len();
+    let mut cluster_of = vec![NONE; n];
+    let mut clusters: Vec<Cluster> = Vec::new();
+    let mut seeds: HashMap<u32, u32> = HashMap::new();
+    let mut decided: Vec<Option<Decided>> = vec![None; n];
+    let mut proposals = Vec::new();
+
+    let assign = |cluster_of: &mut Vec<u32>, clusters: &mut Vec<Cluster>, i: u32, c: u32| {
+        cluster_of[i as usize] = c;
+        clusters[c as usize].members.push(i);
+    };
+
+    // Admin-linked records first: each admin patient is one cluster from the start, so records
+    // before them in key order can already meet them.
+    for i in 0..n as u32 {
+        if let Some(cur) = loaded.current[i as usize].filter(|c| c.manual) {
+            let c = *seeds.entry(cur.patient).or_insert_with(|| {
+                clusters.push(Cluster {
+                    members: Vec::new(),
+                    seed: Some(cur.patient),
+                });
+                clusters.len() as u32 - 1
+            });
+            assign(&mut cluster_of, &mut clusters, i, c);
+        }
+    }
+    // Records an upstream merged away follow their surviving record, after everything else.
+    let mut deferred = Vec::new();
+    for i in 0..n as u32 {
+        let record = &loaded.records[i as usize];
+        if cluster_of[i as usize] != NONE {
+            continue;
+        }
+        if record.status == RecordStatus::Merged {
+            if let Some(into) = &record.merged_into {
+                let target = SourceKey::new(record.key.source, into.clone());
+                if let Some(t) = loaded.find(&target).filter(|&t| t != i) {
+                    deferred.push((i, t));
+                    continue;
+                }
+            }
+        }
+        decide_one(
+            loaded,
+            settings,
+            options,
+            &seeds,
+            i,
+            &mut cluster_of,
+            &mut clusters,
+            &mut decided,
+            &mut proposals,
+        );
+    }
+    // Follow merge chains (a few hops at most) to a placed record.
+    for (i, mut t) in deferred.clone() {
+        for _ in 0..8 {
+            if cluster_of[t as usize] != NONE {
+                break;
+            }
+            match deferred.iter().find(|(d, _)| *d == t) {
+                Some((_, next)) => t = *next,
+                None => break,
+            }
+        }
+        let c = cluster_of[t as usize];
+        if c != NONE {
+            assign(&mut cluster_of, &mut clusters, i, c);
+            decided[i as usize] = Some(Decided {
+                method: LinkMethod::SourceMerge,
+                rule: Some("source_merged".into()),
+                score: None,
+            });
+        } else {
+            decide_one(
+                loaded,
+                settings,
+                options,
+                &seeds,
+                i,
+                &mut cluster_of,
+                &mut clusters,
+                &mut decided,
+                &mut proposals,
+            );
+        }
+    }
+    (cluster_of, clusters, decided, proposals)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decide_one(
+    loaded: &Loaded,
+    settings: &IdentitySettings,
+    options: &RebuildOptions,
+    seeds: &HashMap<u32, u32>,
+    i: u32,
+    cluster_of: &mut [u32],
+    clusters: &mut Vec<Cluster>,
+    decided: &mut [Option<Decided>],
+    proposals: &mut Vec<(u32, u32, f64)>,
+) {
+    let record = &loaded.records[i as usize];
+    let mut reached: BTreeSet<u32> = BTreeSet::new();
+    for &h in loaded.hashes(i) {
+        let start = loaded.index.partition_point(|&(x, _)| x < h);
+        let end = loaded.index.partition_point(|&(x, _)| x <= h);
+        if end - start > options.max_key_fanout {
+            continue;
+        }
+        for &(_, j) in &loaded.index[start..end] {
+            let c = cluster_of[j as usize];
+            if j != i && c != NONE {
+                reached.insert(c);
+            }
+        }
+    }
+    let mine = loaded.current[i as usize].map(|c| c.patient);
+    let candidates: Vec<Candidate> = reached
+        .iter()
+        .map(|&c| {
+            let cl = &clusters[c as usize];
+            let rejected_patient = |p: u32| loaded.rejected.contains(&(i, p));
+            let rejected = cl.seed.is_some_and(rejected_patient)
+                || cl.members.iter().any(|&m| {
+                    loaded.current[m as usize].is_some_and(|cur| rejected_patient(cur.patient))
+                        || mine.is_some_and(|p| loaded.rejected.contains(&(m, p)))
+                });
+            Candidate {
+                patient_id: PatientId(format!("{c:010}")),
+                records: cl
+                    .members
+                    .iter()
+                    .map(|&m| loaded.records[m as usize].clone())
+                    .collect(),
+                rejected,
+            }
+        })
+        .collect();
+    let decision = if candidates.is_empty() {
+        None
+    } else {
+        Some(identity::decide(record, &candidates, &settings.matching))
+    };
+    let label = |p: &PatientId| {
+        p.as_str()
+            .parse::<u32>()
+            .expect("cluster labels are numbers")
+    };
+    let target = match &decision {
+        Some(d) => match &d.target {
+            LinkTarget::Existing {
+                patient_id,
+                method,
+                rule,
+                score,
+            } => {
+                decided[i as usize] = Some(Decided {
+                    method: *method,
+                    rule: rule.clone(),
+                    score: *score,
+                });
+                Some(label(patient_id))
+            }
+            LinkTarget::NewPatient => None,
+        },
+        None => None,
+    };
+    // A record of an admin-anchored patient stays with it unless the evidence points elsewhere:
+    // the admin's decision about the patient's other records stands for this one too.
+    let anchored = mine
+        .and_then(|p| seeds.get(&p).copied())
+        .filter(|&c| c != cluster_of[i as usize])
+        .filter(|&c| {
+            let cl = &clusters[c as usize];
+            !cl.seed.is_some_and(|p| loaded.rejected.contains(&(i, p)))
+                && !cl
+                    .members
+                    .iter()
+                    .any(|&m| mine.is_some_and(|p| loaded.rejected.contains(&(m, p))))
+        });
+    let c = target.or(anchored).unwrap_or_else(|| {
+        clusters.push(Cluster {
+            members: Vec::new(),
+            seed: None,
+        });
+        clusters.len() as u32 - 1
+    });
+    cluster_of[i as usize] = c;
+    clusters[c as usize].members.push(i);
+    if let Some(d) = decision {
+        for review in d.reviews {
+            let rc = label(&review.patient_id);
+            if rc != c {
+                proposals.push((i, rc, review.score));
+            }
+        }
+    }
+}
+
+/// Gives every cluster a patient id: admin seeds keep theirs, others take the patient most of
+/// their records are linked to now (each id once, biggest claims first), else a new id.
+fn name_clusters(
+    clusters: &[Cluster],
+    current: &[Option<Current>],
+    patients: &mut Patients,
+) -> Vec<u32> {
+    let mut names = vec![NONE; clusters.len()];
+    let mut taken: HashSet<u32> = HashSet::new();
+    for (c, cl) in clusters.iter().enumerate() {
+        if let Some(seed) = cl.seed {
+            names[c] = seed;
+            taken.insert(seed);
+        }
+    }
+    let mut claims: Vec<(u32, u32, u32, u32)> = Vec::new(); // (count, first member, cluster, patient)
+    for (c, cl) in clusters.iter().enumerate() {
+        if cl.seed.is_some() {
+            continue;
+        }
+        let mut counts: BTreeMap<u32, u32> = BTreeMap::new();
+        for &m in &cl.members {
+            if let Some(cur) = current[m as usize] {
+                *counts.entry(cur.patient).or_default() += 1;
+            }
+        }
+        let first = cl.members.iter().copied().min().unwrap_or(NONE);
+        for (p, n) in counts {
+            claims.push((n, first, c as u32, p));
+        }
+    }
+    claims.sort_by(|a, b| {
+        b.0.cmp(&a.0)
+            .then(a.1.cmp(&b.1))
+            .then_with(|| patients.ids[a.3 as usize].cmp(&patients.ids[b.3 as usize]))
+    });
+    for (_, _, c, p) in claims {
+        if names[c as usize] == NONE && !taken.contains(&p) {
+            names[c as usize] = p;
+            taken.insert(p);
+        }
+    }
+    for name in names.iter_mut().filter(|n| **n == NONE) {
+        *name = patients.intern(&PatientId::generate());
+    }
+    names
+}
+
+/// Batches writes into large transactions; in a dry run it hands out no transaction.
+struct Writer<'a> {
+    store: &'a dyn Store,
+    dry_run: bool,
+    batch: usize,
+    pending: usize,
+    tx: Option<Box<dyn StoreTx>>,
+}
+
+impl<'a> Writer<'a> {
+    fn new(store: &'a dyn Store, options: &RebuildOptions) -> Self {
+        Self {
+            store,
+            dry_run: options.dry_run,
+            batch: options.batch_writes.max(1),
+            pending: 0,
+            tx: None,
+        }
+    }
+
+    async fn tx(&mut self) -> StoreResult<Option<&mut dyn StoreTx>> {
+        if self.dry_run {
+            return Ok(None);
+        }
+        if self.tx.is_none() {
+            self.tx = Some(self.store.begin().await?);
+        }
+        Ok(self.tx.as_deref_mut().map(|t| t as &mut dyn StoreTx))
+    }
+
+    async fn wrote(&mut self) -> StoreResult<()> {
+        self.pending += 1;
+        if self.pending >= self.batch {
+            self.pending = 0;
+            if let Some(tx) = self.tx.take() {
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self) -> StoreResult<()> {
+        if let Some(tx) = self.tx.take() {
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+}
