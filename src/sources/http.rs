@@ -98,6 +98,31 @@ impl FetchError {
         }
     }
 
+    /// The same error kind and status, for another caller that shared the failed request
+    /// (errors are not `Clone`: the `reqwest` source is dropped).
+    pub fn copy_kind(&self) -> FetchError {
+        match self {
+            FetchError::RateLimited {
+                retry_after,
+                status,
+            } => FetchError::RateLimited {
+                retry_after: *retry_after,
+                status: *status,
+            },
+            FetchError::Transient { kind, status, .. } => FetchError::Transient {
+                kind,
+                status: *status,
+                source: None,
+            },
+            FetchError::Auth { status } => FetchError::Auth { status: *status },
+            FetchError::Rejected { kind, status } => FetchError::Rejected {
+                kind,
+                status: *status,
+            },
+            FetchError::Decode { what } => FetchError::Decode { what },
+        }
+    }
+
     fn from_reqwest(e: reqwest::Error) -> Self {
         let kind = if e.is_timeout() {
             "timeout"

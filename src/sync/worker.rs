@@ -395,7 +395,7 @@ fn collect(
         match fetched.get(id) {
             Some(Ok(Some(record))) => records.push(record.clone()),
             Some(Ok(None)) => {}
-            Some(Err(e)) => return Err(Finish::Failed(clone_error(e))),
+            Some(Err(e)) => return Err(Finish::Failed(e.copy_kind())),
             None => {
                 debug!(source = %source, "Fetch answered no result for a requested id.");
                 return Err(Finish::Failed(FetchError::Decode {
@@ -408,30 +408,6 @@ fn collect(
         return Err(Finish::Ignored("resource not found upstream".into()));
     }
     Ok(records)
-}
-
-/// The same error kind for every item that shared a failed fetch.
-fn clone_error(e: &FetchError) -> FetchError {
-    match e {
-        FetchError::RateLimited {
-            retry_after,
-            status,
-        } => FetchError::RateLimited {
-            retry_after: *retry_after,
-            status: *status,
-        },
-        FetchError::Transient { kind, status, .. } => FetchError::Transient {
-            kind,
-            status: *status,
-            source: None,
-        },
-        FetchError::Auth { status } => FetchError::Auth { status: *status },
-        FetchError::Rejected { kind, status } => FetchError::Rejected {
-            kind,
-            status: *status,
-        },
-        FetchError::Decode { what } => FetchError::Decode { what },
-    }
 }
 
 /// Exponential backoff with full jitter: a random delay up to `initial * 2^(attempt-1)`, capped.

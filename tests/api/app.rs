@@ -6,10 +6,10 @@ use std::sync::Arc;
 use patient_sync::app::Application;
 use patient_sync::config::Settings;
 use patient_sync::model::{SourceKey, SourceKind};
-use patient_sync::sandbox::healthie::HealthieConfig;
+use patient_sync::sandbox::healthie::{Faults, HealthieConfig};
 use patient_sync::sandbox::population::PopulationConfig;
 use patient_sync::sandbox::webhooks::WebhookSender;
-use patient_sync::sandbox::{Sandbox, SandboxConfig, SandboxHandle};
+use patient_sync::sandbox::{Sandbox, SandboxConfig, SandboxHandle, HINT_API_KEY, INTAKEQ_API_KEY};
 use patient_sync::store::{PatientRow, Store};
 use patient_sync::sync::worker::Worker;
 use tokio_util::sync::CancellationToken;
@@ -64,22 +64,66 @@ pub fn settings_for(db_url: &str, healthie_url: &str, extra: &[(&str, &str)]) ->
     Settings::load_from(None, &env).expect("test settings are valid")
 }
 
-pub async fn spawn_app(db: Db, people: usize) -> TestApp {
-    let db = database(db).await;
-    let sandbox = Sandbox::start(SandboxConfig {
+/// A sandbox with `people` synthetic people, no Healthie rate limit, and the given faults.
+pub async fn start_sandbox(people: usize, seed: u64, faults: Faults) -> SandboxHandle {
+    Sandbox::start(SandboxConfig {
         population: PopulationConfig {
             people,
-            seed: 11,
+            seed,
             ..Default::default()
         },
         healthie: HealthieConfig {
             rate_limit: None,
+            faults,
             ..Default::default()
         },
         ..Default::default()
     })
     .await
-    .expect("sandbox starts");
+    .expect("sandbox starts")
+}
+
+/// Environment for the binary with all three sources pointed at `sandbox`.
+pub fn three_source_env(sandbox: &SandboxHandle, db_url: &str) -> Vec<(String, String)> {
+    [
+        ("PATIENT_SYNC_DATABASE__URL", db_url.to_string()),
+        (
+            "PATIENT_SYNC_SOURCES__HEALTHIE__API_URL",
+            sandbox.healthie_url(),
+        ),
+        (
+            "PATIENT_SYNC_SOURCES__HEALTHIE__API_KEY",
+            HealthieConfig::default().api_key,
+        ),
+        (
+            "PATIENT_SYNC_SOURCES__HEALTHIE__REQUESTS_PER_SECOND",
+            "500".into(),
+        ),
+        ("PATIENT_SYNC_SOURCES__INTAKEQ__ENABLED", "true".into()),
+        (
+            "PATIENT_SYNC_SOURCES__INTAKEQ__BASE_URL",
+            sandbox.intakeq_url(),
+        ),
+        (
+            "PATIENT_SYNC_SOURCES__INTAKEQ__API_KEY",
+            INTAKEQ_API_KEY.into(),
+        ),
+        (
+            "PATIENT_SYNC_SOURCES__INTAKEQ__REQUESTS_PER_MINUTE",
+            "6000".into(),
+        ),
+        ("PATIENT_SYNC_SOURCES__HINT__ENABLED", "true".into()),
+        ("PATIENT_SYNC_SOURCES__HINT__BASE_URL", sandbox.hint_url()),
+        ("PATIENT_SYNC_SOURCES__HINT__API_KEY", HINT_API_KEY.into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+pub async fn spawn_app(db: Db, people: usize) -> TestApp {
+    let db = database(db).await;
+    let sandbox = start_sandbox(people, 11, Faults::default()).await;
     let mut app = spawn_app_on(db, &sandbox.healthie_url()).await;
     app.sandbox = Some(sandbox);
     app

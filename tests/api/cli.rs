@@ -3,9 +3,9 @@
 
 use std::process::{Command, Output};
 
-use patient_sync::sandbox::healthie::HealthieConfig;
-use patient_sync::sandbox::population::PopulationConfig;
-use patient_sync::sandbox::{Sandbox, SandboxConfig, HINT_API_KEY, INTAKEQ_API_KEY};
+use patient_sync::sandbox::healthie::Faults;
+
+use crate::app::{start_sandbox, three_source_env};
 
 const BIN: &str = env!("CARGO_BIN_EXE_patient-sync");
 
@@ -20,58 +20,10 @@ fn run(args: &[&str], env: &[(String, String)]) -> Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_from_cron_twice_is_idempotent_and_status_reports_it() {
-    let sandbox = Sandbox::start(SandboxConfig {
-        population: PopulationConfig {
-            people: 40,
-            seed: 9,
-            ..Default::default()
-        },
-        healthie: HealthieConfig {
-            rate_limit: None,
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let sandbox = start_sandbox(40, 9, Faults::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let env: Vec<(String, String)> = [
-        (
-            "PATIENT_SYNC_DATABASE__URL",
-            format!("sqlite:{}", dir.path().join("cron.sqlite").display()),
-        ),
-        (
-            "PATIENT_SYNC_SOURCES__HEALTHIE__API_URL",
-            sandbox.healthie_url(),
-        ),
-        (
-            "PATIENT_SYNC_SOURCES__HEALTHIE__API_KEY",
-            HealthieConfig::default().api_key,
-        ),
-        (
-            "PATIENT_SYNC_SOURCES__HEALTHIE__REQUESTS_PER_SECOND",
-            "500".into(),
-        ),
-        ("PATIENT_SYNC_SOURCES__INTAKEQ__ENABLED", "true".into()),
-        (
-            "PATIENT_SYNC_SOURCES__INTAKEQ__BASE_URL",
-            sandbox.intakeq_url(),
-        ),
-        (
-            "PATIENT_SYNC_SOURCES__INTAKEQ__API_KEY",
-            INTAKEQ_API_KEY.into(),
-        ),
-        (
-            "PATIENT_SYNC_SOURCES__INTAKEQ__REQUESTS_PER_MINUTE",
-            "6000".into(),
-        ),
-        ("PATIENT_SYNC_SOURCES__HINT__ENABLED", "true".into()),
-        ("PATIENT_SYNC_SOURCES__HINT__BASE_URL", sandbox.hint_url()),
-        ("PATIENT_SYNC_SOURCES__HINT__API_KEY", HINT_API_KEY.into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
+    let db_url = format!("sqlite:{}", dir.path().join("cron.sqlite").display());
+    let env = three_source_env(&sandbox, &db_url);
 
     let env2 = env.clone();
     let first = tokio::task::spawn_blocking(move || run(&["sync"], &env2))

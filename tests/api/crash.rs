@@ -8,12 +8,10 @@ use std::time::{Duration, Instant};
 
 use patient_sync::model::{SourceKey, SourceKind};
 use patient_sync::sandbox::healthie::{Faults, HealthieConfig};
-use patient_sync::sandbox::population::PopulationConfig;
 use patient_sync::sandbox::webhooks::{HealthieEnvelope, WebhookSender};
-use patient_sync::sandbox::{Sandbox, SandboxConfig};
 use patient_sync::store::{self, InboxState, Store};
 
-use crate::app::WEBHOOK_SECRET;
+use crate::app::{start_sandbox, WEBHOOK_SECRET};
 
 const BIN: &str = env!("CARGO_BIN_EXE_patient-sync");
 
@@ -115,25 +113,16 @@ async fn canonical(store: &dyn Store, ids: &[String]) -> BTreeMap<String, String
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_killed_mid_processing_and_restarted_loses_and_duplicates_nothing() {
-    let sandbox = Sandbox::start(SandboxConfig {
-        population: PopulationConfig {
-            people: 150,
-            seed: 5,
+    let sandbox = start_sandbox(
+        150,
+        5,
+        Faults {
+            slow_share: 1.0,
+            slow_ms: 25,
             ..Default::default()
         },
-        healthie: HealthieConfig {
-            rate_limit: None,
-            faults: Faults {
-                slow_share: 1.0,
-                slow_ms: 25,
-                ..Default::default()
-            },
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    )
+    .await;
     let ids: Vec<String> = {
         let pop = sandbox.population().read().unwrap();
         pop.healthie_users()
@@ -252,25 +241,16 @@ async fn serve_killed_mid_processing_and_restarted_loses_and_duplicates_nothing(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_batch_exits_zero_and_hands_back_every_lease() {
-    let sandbox = Sandbox::start(SandboxConfig {
-        population: PopulationConfig {
-            people: 40,
-            seed: 8,
+    let sandbox = start_sandbox(
+        40,
+        8,
+        Faults {
+            slow_share: 1.0,
+            slow_ms: 2_000,
             ..Default::default()
         },
-        healthie: HealthieConfig {
-            rate_limit: None,
-            faults: Faults {
-                slow_share: 1.0,
-                slow_ms: 2_000,
-                ..Default::default()
-            },
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    )
+    .await;
     let ids: Vec<String> = {
         let pop = sandbox.population().read().unwrap();
         pop.healthie_users()

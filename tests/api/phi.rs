@@ -4,56 +4,25 @@
 
 use std::process::Command;
 
-use patient_sync::sandbox::healthie::HealthieConfig;
-use patient_sync::sandbox::population::PopulationConfig;
-use patient_sync::sandbox::{Sandbox, SandboxConfig, HINT_API_KEY, INTAKEQ_API_KEY};
+use patient_sync::sandbox::healthie::Faults;
 use patient_sync::store;
+
+use crate::app::{start_sandbox, three_source_env};
 
 const BIN: &str = env!("CARGO_BIN_EXE_patient-sync");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_sync_at_trace_level_logs_no_phi() {
-    let sandbox = Sandbox::start(SandboxConfig {
-        population: PopulationConfig {
-            people: 30,
-            seed: 21,
-            ..Default::default()
-        },
-        healthie: HealthieConfig {
-            rate_limit: None,
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let sandbox = start_sandbox(30, 21, Faults::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let db_url = format!("sqlite:{}", dir.path().join("phi.sqlite").display());
-    let (healthie, intakeq, hint) = (
-        sandbox.healthie_url(),
-        sandbox.intakeq_url(),
-        sandbox.hint_url(),
-    );
-    let url = db_url.clone();
+    let env = three_source_env(&sandbox, &db_url);
     let output = tokio::task::spawn_blocking(move || {
         Command::new(BIN)
             .arg("sync")
+            .envs(env)
             .env("RUST_LOG", "trace")
             .env("PATIENT_SYNC_LOG__FORMAT", "json")
-            .env("PATIENT_SYNC_DATABASE__URL", url)
-            .env("PATIENT_SYNC_SOURCES__HEALTHIE__API_URL", healthie)
-            .env(
-                "PATIENT_SYNC_SOURCES__HEALTHIE__API_KEY",
-                HealthieConfig::default().api_key,
-            )
-            .env("PATIENT_SYNC_SOURCES__HEALTHIE__REQUESTS_PER_SECOND", "500")
-            .env("PATIENT_SYNC_SOURCES__INTAKEQ__ENABLED", "true")
-            .env("PATIENT_SYNC_SOURCES__INTAKEQ__BASE_URL", intakeq)
-            .env("PATIENT_SYNC_SOURCES__INTAKEQ__API_KEY", INTAKEQ_API_KEY)
-            .env("PATIENT_SYNC_SOURCES__INTAKEQ__REQUESTS_PER_MINUTE", "6000")
-            .env("PATIENT_SYNC_SOURCES__HINT__ENABLED", "true")
-            .env("PATIENT_SYNC_SOURCES__HINT__BASE_URL", hint)
-            .env("PATIENT_SYNC_SOURCES__HINT__API_KEY", HINT_API_KEY)
             .output()
             .unwrap()
     })

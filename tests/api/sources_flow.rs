@@ -4,30 +4,16 @@
 use patient_sync::app::Application;
 use patient_sync::config::Secret;
 use patient_sync::model::{SourceKey, SourceKind};
-use patient_sync::sandbox::healthie::HealthieConfig;
-use patient_sync::sandbox::population::PopulationConfig;
-use patient_sync::sandbox::{Sandbox, SandboxConfig, HINT_API_KEY, INTAKEQ_API_KEY};
+use patient_sync::sandbox::healthie::Faults;
+use patient_sync::sandbox::{HINT_API_KEY, INTAKEQ_API_KEY};
 use patient_sync::store::InboxState;
 
-use crate::app::settings_for;
+use crate::app::{settings_for, start_sandbox};
 use crate::helpers::{database, Db};
 
 async fn one_sync_pass_brings_every_source_in_and_a_second_changes_nothing(db: Db) {
     let db = database(db).await;
-    let sandbox = Sandbox::start(SandboxConfig {
-        population: PopulationConfig {
-            people: 60,
-            seed: 3,
-            ..Default::default()
-        },
-        healthie: HealthieConfig {
-            rate_limit: None,
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let sandbox = start_sandbox(60, 3, Faults::default()).await;
     let mut settings = settings_for(&db.url, &sandbox.healthie_url(), &[]);
     settings.sources.intakeq.enabled = true;
     settings.sources.intakeq.base_url = sandbox.intakeq_url();

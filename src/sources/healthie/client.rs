@@ -249,7 +249,7 @@ impl HealthieClient {
             Ok(found) => found,
             Err(e) => {
                 for id in chunk {
-                    results.insert((*id).clone(), Err(copy_error(&e)));
+                    results.insert((*id).clone(), Err(FetchError::copy_kind(&e)));
                 }
                 return;
             }
@@ -380,30 +380,7 @@ fn to_record(user: HealthieUser, raw: Value, fetched_at: DateTime<Utc>) -> Fetch
 fn copy_result(result: &FetchResult) -> FetchResult {
     match result {
         Ok(record) => Ok(record.clone()),
-        Err(e) => Err(copy_error(e)),
-    }
-}
-
-fn copy_error(e: &FetchError) -> FetchError {
-    match e {
-        FetchError::RateLimited {
-            retry_after,
-            status,
-        } => FetchError::RateLimited {
-            retry_after: *retry_after,
-            status: *status,
-        },
-        FetchError::Transient { kind, status, .. } => FetchError::Transient {
-            kind,
-            status: *status,
-            source: None,
-        },
-        FetchError::Auth { status } => FetchError::Auth { status: *status },
-        FetchError::Rejected { kind, status } => FetchError::Rejected {
-            kind,
-            status: *status,
-        },
-        FetchError::Decode { what } => FetchError::Decode { what },
+        Err(e) => Err(e.copy_kind()),
     }
 }
 
