@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 
 use crate::identity::{self, Candidate, LinkTarget, MatchConfig, SurvivorshipConfig};
-use crate::model::{PatientId, SourceKey, SourceRecord};
+use crate::model::{PatientId, RecordStatus, SourceKey, SourceRecord};
 use crate::store::{Link, LinkEvent, LinkMethod, SaveOutcome, StoreResult, StoreTx};
 
 /// Matching and survivorship settings, shared by every apply.
@@ -71,6 +71,22 @@ pub async fn apply_record(
             }
         }
     };
+    // Merged away upstream (Hint `merged_into`, Healthie `patient.merged`): the source says
+    // both records are one person, so this record's patient folds into the survivor's.
+    if record.status == RecordStatus::Merged {
+        if let Some(into) = &record.merged_into {
+            let survivor = SourceKey::new(record.key.source, into.clone());
+            if let Some(link) = tx.load_link(&survivor).await? {
+                if link.patient_id != patient_id {
+                    fold_patient(tx, &patient_id, &link.patient_id, settings, now).await?;
+                    return Ok(Applied {
+                        outcome,
+                        patient_id: Some(link.patient_id),
+                    });
+                }
+            }
+        }
+    }
     refresh_patient(tx, &patient_id, settings, now).await?;
     Ok(Applied {
         outcome,

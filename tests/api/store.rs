@@ -332,3 +332,49 @@ fn migration_file_names_are_identical_on_both_backends() {
     assert!(!sqlite.is_empty());
     assert_eq!(sqlite, names("migrations/postgres"));
 }
+
+async fn a_record_merged_upstream_folds_its_patient_into_the_survivors(db: Db) {
+    use patient_sync::sync::apply::{apply_record, IdentitySettings};
+    let db = database(db).await;
+    let settings = IdentitySettings::default();
+    let hint = |id: &str, given: &str, secs: i64| {
+        let mut r = record(id, secs, given);
+        r.key = SourceKey::new(SourceKind::Hint, id);
+        r.fields.family_name = Some(format!("{given}son"));
+        r
+    };
+    let now = Utc::now();
+    let mut tx = db.store.begin().await.unwrap();
+    let a = apply_record(tx.as_mut(), &hint("pat-a", "Ann", 10), &settings, now)
+        .await
+        .unwrap();
+    let b = apply_record(tx.as_mut(), &hint("pat-b", "Bea", 10), &settings, now)
+        .await
+        .unwrap();
+    assert_ne!(a.patient_id, b.patient_id);
+    let mut merged = hint("pat-a", "Ann", 20);
+    merged.status = RecordStatus::Merged;
+    merged.merged_into = Some("pat-b".into());
+    let after = apply_record(tx.as_mut(), &merged, &settings, now)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(after.patient_id, b.patient_id);
+    let link = db
+        .store
+        .load_link(&SourceKey::new(SourceKind::Hint, "pat-a"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(Some(link.patient_id), b.patient_id);
+    let old = db
+        .store
+        .load_patient(a.patient_id.as_ref().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(old.status, "merged");
+    assert_eq!(old.merged_into, b.patient_id);
+}
+
+crate::on_both_backends!(a_record_merged_upstream_folds_its_patient_into_the_survivors);
