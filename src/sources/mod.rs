@@ -73,6 +73,37 @@ pub enum PollItem {
     Deleted(SourceId),
 }
 
+impl ConvertError {
+    /// The same failure as a fetch error: the field at fault, or `record` when the whole
+    /// payload has the wrong shape. Carries no value.
+    pub fn into_fetch_error(self, record: &'static str) -> FetchError {
+        FetchError::Decode {
+            what: match self {
+                ConvertError::Missing(field) | ConvertError::Format(field) => field,
+                ConvertError::Shape(_) => record,
+            },
+        }
+    }
+}
+
+/// A record the source reports deleted, with no fields: its last known values stay in the
+/// stored snapshot history only through `raw`.
+pub fn tombstone(
+    key: crate::model::SourceKey,
+    seen_at: chrono::DateTime<chrono::Utc>,
+    raw: serde_json::Value,
+) -> SourceRecord {
+    SourceRecord {
+        key,
+        fields: crate::model::PersonFields::default(),
+        status: crate::model::RecordStatus::Deleted,
+        merged_into: None,
+        source_updated_at: Some(seen_at),
+        fetched_at: seen_at,
+        raw,
+    }
+}
+
 /// One upstream, as the worker uses it.
 #[async_trait]
 pub trait Source: Send + Sync {

@@ -24,7 +24,6 @@ pub use super::operations::{MAX_BATCH_SIZE, MAX_PAGE_SIZE};
 use crate::config::{HealthieSettings, Secret};
 use crate::model::{SourceId, SourceRecord};
 use crate::sources::http::{FetchError, RawResponse, Upstream};
-use crate::sources::ConvertError;
 
 const AUTHORIZATION_SOURCE: HeaderName = HeaderName::from_static("authorizationsource");
 const AUTHORIZATION_SHARD: HeaderName = HeaderName::from_static("authorizationshard");
@@ -367,12 +366,7 @@ fn to_record(user: HealthieUser, raw: Value, fetched_at: DateTime<Utc>) -> Fetch
     }
     user_to_record(&user, raw, fetched_at)
         .map(Some)
-        .map_err(|e| FetchError::Decode {
-            what: match e {
-                ConvertError::Missing(field) | ConvertError::Format(field) => field,
-                ConvertError::Shape(_) => "user",
-            },
-        })
+        .map_err(|e| e.into_fetch_error("user"))
 }
 
 /// The same outcome for another id (errors are not `Clone`: the `reqwest` source is dropped,

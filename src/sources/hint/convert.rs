@@ -174,18 +174,7 @@ pub fn parse_patient(
 /// A deletion `sync::poll` reported with only an id: status deleted, no fields, stamped with
 /// the time it was seen so it outranks earlier snapshots.
 pub fn tombstone(id: SourceId, seen_at: DateTime<Utc>, raw: Value) -> SourceRecord {
-    SourceRecord {
-        key: SourceKey {
-            source: SourceKind::Hint,
-            id,
-        },
-        fields: PersonFields::default(),
-        status: RecordStatus::Deleted,
-        merged_into: None,
-        source_updated_at: Some(seen_at),
-        fetched_at: seen_at,
-        raw,
-    }
+    crate::sources::tombstone(SourceKey::new(SourceKind::Hint, id), seen_at, raw)
 }
 
 #[cfg(test)]

@@ -512,7 +512,7 @@ impl Source for Hint {
                     Ok(Some(value)) => self
                         .parse_patient(&value, self.clock.now())
                         .map(Some)
-                        .map_err(decode_error),
+                        .map_err(|e: ConvertError| e.into_fetch_error("hint patient")),
                     Ok(None) => Ok(None),
                     Err(e) => Err(e),
                 };
@@ -543,15 +543,6 @@ impl Source for Hint {
         fetched_at: DateTime<Utc>,
     ) -> Result<SourceRecord, ConvertError> {
         self.parse_patient(value, fetched_at)
-    }
-}
-
-fn decode_error(e: ConvertError) -> FetchError {
-    FetchError::Decode {
-        what: match e {
-            ConvertError::Missing(field) | ConvertError::Format(field) => field,
-            ConvertError::Shape(_) => "hint patient",
-        },
     }
 }
 

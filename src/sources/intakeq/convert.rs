@@ -222,18 +222,7 @@ pub fn parse_client(
 /// deleted record no longer feeds the canonical row), `source_updated_at` = when the deletion
 /// was seen, so it outranks every earlier snapshot; `raw` is the inbox body that said so.
 pub fn tombstone(id: SourceId, seen_at: DateTime<Utc>, raw: Value) -> SourceRecord {
-    SourceRecord {
-        key: SourceKey {
-            source: SourceKind::Intakeq,
-            id,
-        },
-        fields: PersonFields::default(),
-        status: RecordStatus::Deleted,
-        merged_into: None,
-        source_updated_at: Some(seen_at),
-        fetched_at: seen_at,
-        raw,
-    }
+    crate::sources::tombstone(SourceKey::new(SourceKind::Intakeq, id), seen_at, raw)
 }
 
 #[cfg(test)]

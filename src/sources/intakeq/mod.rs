@@ -396,7 +396,7 @@ impl Source for Intakeq {
                     Ok(Some(value)) => self
                         .parse_client(&value, self.clock.now())
                         .map(Some)
-                        .map_err(decode_error),
+                        .map_err(|e: ConvertError| e.into_fetch_error("intakeq client")),
                     Ok(None) => Ok(None),
                     Err(e) => Err(e),
                 },
@@ -427,16 +427,6 @@ impl Source for Intakeq {
         fetched_at: DateTime<Utc>,
     ) -> Result<SourceRecord, ConvertError> {
         self.parse_client(value, fetched_at)
-    }
-}
-
-/// A fetched client that does not convert: the field it failed on, never its value.
-fn decode_error(e: ConvertError) -> FetchError {
-    FetchError::Decode {
-        what: match e {
-            ConvertError::Missing(field) | ConvertError::Format(field) => field,
-            ConvertError::Shape(_) => "intakeq client",
-        },
     }
 }
 
