@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::Utc;
 use rand::Rng;
@@ -206,7 +206,6 @@ impl Worker {
         };
 
         for (item, plan) in items.iter().zip(plans) {
-            let started = Instant::now();
             let finish = match plan {
                 Err(e) => {
                     debug!(inbox_id = %item.id, what = e.what, "Inbox item cannot be planned.");
@@ -216,14 +215,14 @@ impl Worker {
                 Ok(Plan::Apply(record)) => {
                     self.apply_and_finish(item, &[*record], None).await?;
                     summary.done += 1;
-                    self.observe(item, started);
+                    self.observe(item);
                     continue;
                 }
                 Ok(Plan::Fetch(ids)) => match collect(&fetched, &ids, source) {
                     Ok(records) => {
                         self.apply_and_finish(item, &records, None).await?;
                         summary.done += 1;
-                        self.observe(item, started);
+                        self.observe(item);
                         continue;
                     }
                     Err(e) => e,
@@ -239,7 +238,7 @@ impl Worker {
                                 (SourceKey::new(source, from), SourceKey::new(source, into));
                             self.apply_and_finish(item, &records, Some(merge)).await?;
                             summary.done += 1;
-                            self.observe(item, started);
+                            self.observe(item);
                             continue;
                         }
                         Err(e) => e,
@@ -251,7 +250,7 @@ impl Worker {
         Ok(summary)
     }
 
-    fn observe(&self, item: &InboxItem, _started: Instant) {
+    fn observe(&self, item: &InboxItem) {
         let age = (now_ms() - item.received_at_ms).max(0) as f64 / 1000.0;
         self.metrics.observe(
             "patient_sync_event_latency_seconds",
