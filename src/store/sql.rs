@@ -63,6 +63,12 @@ macro_rules! impl_store {
             })
         }
 
+        /// Keyset pagination bound: after this key, or before everything (the empty string
+        /// sorts first).
+        fn key_lower_bound(after: Option<&SourceKey>) -> (&str, &str) {
+            after.map(|k| (k.source.as_str(), k.id.as_str())).unwrap_or(("", ""))
+        }
+
         fn parse_source(s: &str) -> StoreResult<SourceKind> {
             s.parse().map_err(|e| StoreError::corrupt("source", e))
         }
@@ -575,46 +581,32 @@ macro_rules! impl_store {
                 } else {
                     RECORD_COLUMNS.replace(", raw", ", 'null' AS raw")
                 };
-                let rows = match after {
-                    None => {
-                        let sql = format!("SELECT {columns} FROM source_records ORDER BY source, source_id LIMIT $1");
-                        sqlx::query(&sql).bind(i64::from(limit)).fetch_all(&self.pool).await?
-                    }
-                    Some(after) => {
-                        let sql = format!(
-                            "SELECT {columns} FROM source_records WHERE (source, source_id) > ($1, $2) \
-                             ORDER BY source, source_id LIMIT $3"
-                        );
-                        sqlx::query(&sql)
-                            .bind(after.source.as_str())
-                            .bind(after.id.as_str())
-                            .bind(i64::from(limit))
-                            .fetch_all(&self.pool)
-                            .await?
-                    }
-                };
+                let (source, id) = key_lower_bound(after);
+                let sql = format!(
+                    "SELECT {columns} FROM source_records WHERE (source, source_id) > ($1, $2) \
+                     ORDER BY source, source_id LIMIT $3"
+                );
+                let rows = sqlx::query(&sql)
+                    .bind(source)
+                    .bind(id)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?;
                 rows.iter().map(record_from_row).collect()
             }
 
             async fn load_links_page(&self, after: Option<&SourceKey>, limit: u32) -> StoreResult<Vec<Link>> {
-                let rows = match after {
-                    None => {
-                        let sql = format!("SELECT {LINK_COLUMNS} FROM links ORDER BY source, source_id LIMIT $1");
-                        sqlx::query(&sql).bind(i64::from(limit)).fetch_all(&self.pool).await?
-                    }
-                    Some(after) => {
-                        let sql = format!(
-                            "SELECT {LINK_COLUMNS} FROM links WHERE (source, source_id) > ($1, $2) \
-                             ORDER BY source, source_id LIMIT $3"
-                        );
-                        sqlx::query(&sql)
-                            .bind(after.source.as_str())
-                            .bind(after.id.as_str())
-                            .bind(i64::from(limit))
-                            .fetch_all(&self.pool)
-                            .await?
-                    }
-                };
+                let (source, id) = key_lower_bound(after);
+                let sql = format!(
+                    "SELECT {LINK_COLUMNS} FROM links WHERE (source, source_id) > ($1, $2) \
+                     ORDER BY source, source_id LIMIT $3"
+                );
+                let rows = sqlx::query(&sql)
+                    .bind(source)
+                    .bind(id)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?;
                 rows.iter().map(link_from_row).collect()
             }
 
@@ -635,26 +627,17 @@ macro_rules! impl_store {
                 after: Option<&(SourceKey, String)>,
                 limit: u32,
             ) -> StoreResult<Vec<(SourceKey, String)>> {
-                let rows = match after {
-                    None => {
-                        sqlx::query("SELECT source, source_id, key FROM match_keys ORDER BY source, source_id, key LIMIT $1")
-                            .bind(i64::from(limit))
-                            .fetch_all(&self.pool)
-                            .await?
-                    }
-                    Some((record, key)) => {
-                        sqlx::query(
-                            "SELECT source, source_id, key FROM match_keys WHERE (source, source_id, key) > ($1, $2, $3) \
-                             ORDER BY source, source_id, key LIMIT $4",
-                        )
-                        .bind(record.source.as_str())
-                        .bind(record.id.as_str())
-                        .bind(key)
-                        .bind(i64::from(limit))
-                        .fetch_all(&self.pool)
-                        .await?
-                    }
-                };
+                let (source, id) = key_lower_bound(after.map(|(record, _)| record));
+                let rows = sqlx::query(
+                    "SELECT source, source_id, key FROM match_keys WHERE (source, source_id, key) > ($1, $2, $3) \
+                     ORDER BY source, source_id, key LIMIT $4",
+                )
+                .bind(source)
+                .bind(id)
+                .bind(after.map(|(_, key)| key.as_str()).unwrap_or(""))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
                 rows.iter()
                     .map(|row| {
                         Ok((
