@@ -189,6 +189,13 @@ impl HintSandbox {
     }
 
     /// The router, with paths relative to the host (`/api/provider/patients`).
+    /// Serves this fake under `/hint` on a loopback port for a unit test; returns its base url.
+    #[cfg(test)]
+    pub(crate) async fn serve_for_test(&self) -> String {
+        let base = super::serve_for_test(Router::new().nest("/hint", self.router())).await;
+        format!("{base}/hint")
+    }
+
     pub fn router(&self) -> Router {
         Router::new()
             .route("/api/provider/patients", get(list_patients))
@@ -460,14 +467,6 @@ pub async fn send_webhook(
 mod tests {
     use super::*;
 
-    async fn serve(sb: &HintSandbox) -> String {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let app = Router::new().nest("/hint", sb.router());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        format!("http://{addr}/hint")
-    }
-
     fn patients() -> Vec<Value> {
         vec![
             json!({"id": "pat-a", "membership_status": "active", "updated_at": "2026-01-03T00:00:00.000000-08:00", "created_at": "2020-01-01T00:00:00Z", "integration_record_id": "emr-1"}),
@@ -479,7 +478,7 @@ mod tests {
     #[tokio::test]
     async fn the_fake_filters_sorts_pages_and_counts() {
         let sb = HintSandbox::new("k", patients()).with_rate_limit(1000);
-        let base = serve(&sb).await;
+        let base = sb.serve_for_test().await;
         let http = reqwest::Client::new();
         let get = |q: &str| {
             http.get(format!("{base}/api/provider/patients?{q}"))
@@ -518,7 +517,7 @@ mod tests {
         let sb = HintSandbox::new("k", patients())
             .with_rate_limit(2)
             .with_partner_key("partner");
-        let base = serve(&sb).await;
+        let base = sb.serve_for_test().await;
         let http = reqwest::Client::new();
         let url = format!("{base}/api/provider/patients");
         let r = http.get(&url).bearer_auth("nope").send().await.unwrap();

@@ -176,6 +176,14 @@ impl IntakeqSandbox {
     }
 
     /// The router, with paths relative to the API root (`/clients`).
+    /// Serves this fake under `/intakeq/api/v1` on a loopback port for a unit test; returns its base url.
+    #[cfg(test)]
+    pub(crate) async fn serve_for_test(&self) -> String {
+        let base =
+            super::serve_for_test(Router::new().nest("/intakeq/api/v1", self.router())).await;
+        format!("{base}/intakeq/api/v1")
+    }
+
     pub fn router(&self) -> Router {
         Router::new()
             .route("/clients", get(list_clients))
@@ -483,14 +491,6 @@ pub async fn send_webhook(
 mod tests {
     use super::*;
 
-    async fn serve(sb: &IntakeqSandbox) -> String {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let app = Router::new().nest("/intakeq/api/v1", sb.router());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        format!("http://{addr}/intakeq/api/v1")
-    }
-
     fn clients(n: u64) -> Vec<Value> {
         (1..=n)
             .map(|i| {
@@ -503,7 +503,7 @@ mod tests {
     #[tokio::test]
     async fn the_fake_checks_the_key_pages_and_thins_rows() {
         let sb = IntakeqSandbox::new("k", clients(150)).with_limits(1000, 1000);
-        let base = serve(&sb).await;
+        let base = sb.serve_for_test().await;
         let http = reqwest::Client::new();
         let r = http.get(format!("{base}/clients")).send().await.unwrap();
         assert_eq!(r.status(), 401);
@@ -544,7 +544,7 @@ mod tests {
     #[tokio::test]
     async fn the_fake_answers_429_over_its_per_minute_limit() {
         let sb = IntakeqSandbox::new("k", clients(1)).with_limits(2, 500);
-        let base = serve(&sb).await;
+        let base = sb.serve_for_test().await;
         let http = reqwest::Client::new();
         let mut statuses = Vec::new();
         for _ in 0..3 {
@@ -573,7 +573,7 @@ mod tests {
         sb.delete_client(3, at("2026-03-15"));
         let gone = json!({"ClientId": 99, "Name": "Old"});
         let sb = sb.with_deleted(vec![(gone, at("2026-03-01"))]);
-        let base = serve(&sb).await;
+        let base = sb.serve_for_test().await;
         let http = reqwest::Client::new();
         let get = |q: &'static str| {
             let http = http.clone();

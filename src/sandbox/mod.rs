@@ -86,6 +86,16 @@ pub fn router(population: SharedPopulation, config: &SandboxConfig) -> Fakes {
     }
 }
 
+/// Serves `router` on an ephemeral loopback port for a unit test; returns
+/// `http://127.0.0.1:PORT`.
+#[cfg(test)]
+pub(crate) async fn serve_for_test(router: Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    format!("http://{addr}")
+}
+
 async fn generate(config: &PopulationConfig) -> io::Result<Population> {
     let config = config.clone();
     tokio::task::spawn_blocking(move || Population::generate(&config))

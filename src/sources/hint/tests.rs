@@ -19,14 +19,6 @@ const DESTROYED: &str = include_str!("../../../tests/fixtures/hint/event_patient
 const INACTIVE: &str = include_str!("../../../tests/fixtures/hint/event_patient_inactive.json");
 const MEMBERSHIP: &str = include_str!("../../../tests/fixtures/hint/event_membership_updated.json");
 
-async fn serve(sb: &HintSandbox) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = axum::Router::new().nest("/hint", sb.router());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("http://{addr}/hint")
-}
-
 fn settings(base_url: &str) -> HintSettings {
     HintSettings {
         enabled: true,
@@ -55,7 +47,7 @@ struct Fixture {
 }
 
 async fn fixture(sandbox: HintSandbox) -> Fixture {
-    let base = serve(&sandbox).await;
+    let base = sandbox.serve_for_test().await;
     let metrics = Arc::new(Metrics::new());
     let source = Hint::with_options(
         &settings(&base),

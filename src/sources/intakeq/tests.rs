@@ -17,14 +17,6 @@ const FULL: &str = include_str!("../../../tests/fixtures/intakeq/client_full.jso
 const INTAKE: &str = include_str!("../../../tests/fixtures/intakeq/intake_submitted.json");
 const APPOINTMENT: &str = include_str!("../../../tests/fixtures/intakeq/appointment_created.json");
 
-async fn serve(sb: &IntakeqSandbox) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = axum::Router::new().nest("/intakeq/api/v1", sb.router());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("http://{addr}/intakeq/api/v1")
-}
-
 fn settings(base_url: &str, per_day: u32) -> IntakeqSettings {
     IntakeqSettings {
         enabled: true,
@@ -59,7 +51,7 @@ struct Fixture {
 }
 
 async fn fixture_with(sandbox: IntakeqSandbox, per_day: u32, reset: NaiveTime) -> Fixture {
-    let base = serve(&sandbox).await;
+    let base = sandbox.serve_for_test().await;
     let clock = Arc::new(ManualClock::new(at(2026, 3, 2, 10)));
     let metrics = Arc::new(Metrics::new());
     let source = Intakeq::with_options(

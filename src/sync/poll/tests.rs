@@ -48,13 +48,6 @@ fn fast_policy() -> UpstreamPolicy {
     p
 }
 
-async fn serve(router: axum::Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    format!("http://{addr}")
-}
-
 /// A source whose one stream `a` has two pages; the second fails while `fail` is set.
 struct Scripted {
     fail: AtomicBool,
@@ -212,7 +205,10 @@ async fn polling_intakeq_queues_records_and_deletions_once() {
     .with_limits(100_000, 100_000);
     sandbox.delete_client(7, Utc::now());
     sandbox.delete_client(8, Utc::now());
-    let base = serve(axum::Router::new().nest("/intakeq/api/v1", sandbox.router())).await;
+    let base = crate::sandbox::serve_for_test(
+        axum::Router::new().nest("/intakeq/api/v1", sandbox.router()),
+    )
+    .await;
     let clock = Arc::new(ManualClock::new(
         Utc.with_ymd_and_hms(2026, 3, 2, 10, 0, 0).unwrap(),
     ));
@@ -308,7 +304,8 @@ async fn polling_hint_queues_each_version_once() {
     };
     let sandbox = HintSandbox::new("hk", (1..=150).map(|i| patient(i, at(i))).collect())
         .with_rate_limit(100_000);
-    let base = serve(axum::Router::new().nest("/hint", sandbox.router())).await;
+    let base =
+        crate::sandbox::serve_for_test(axum::Router::new().nest("/hint", sandbox.router())).await;
     let metrics = Arc::new(Metrics::new());
     let source = Hint::with_options(
         &HintSettings {
