@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use patient_sync::model::{SourceKey, SourceKind};
 use patient_sync::sandbox::healthie::{Faults, HealthieConfig};
 use patient_sync::sandbox::webhooks::{HealthieEnvelope, WebhookSender};
+use patient_sync::sandbox::SandboxHandle;
 use patient_sync::store::{self, InboxState, Store};
 
 use crate::app::{start_sandbox, WEBHOOK_SECRET};
@@ -64,6 +65,22 @@ where
         assert!(Instant::now() < until, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Starts `serve` on `port`, waits until it is ready, and returns it with a webhook sender.
+async fn start_serve(db_url: &str, port: u16, sandbox: &SandboxHandle) -> (Child, WebhookSender) {
+    let child = serve(db_url, port, &sandbox.healthie_url());
+    wait_for("the service to be ready", Duration::from_secs(30), || {
+        ready(port)
+    })
+    .await;
+    let sender = WebhookSender::new(
+        format!("http://127.0.0.1:{port}/webhooks/healthie")
+            .parse()
+            .unwrap(),
+        WEBHOOK_SECRET.as_bytes().to_vec(),
+    );
+    (child, sender)
 }
 
 async fn count(store: &dyn Store, states: &[InboxState]) -> i64 {
@@ -133,18 +150,7 @@ async fn serve_killed_mid_processing_and_restarted_loses_and_duplicates_nothing(
     let dir = tempfile::tempdir().unwrap();
     let db_url = format!("sqlite:{}", dir.path().join("crash.sqlite").display());
     let port = free_port();
-    let mut child = serve(&db_url, port, &sandbox.healthie_url());
-    wait_for("the service to be ready", Duration::from_secs(30), || {
-        ready(port)
-    })
-    .await;
-
-    let sender = WebhookSender::new(
-        format!("http://127.0.0.1:{port}/webhooks/healthie")
-            .parse()
-            .unwrap(),
-        WEBHOOK_SECRET.as_bytes().to_vec(),
-    );
+    let (mut child, sender) = start_serve(&db_url, port, &sandbox).await;
     let mut sent = 0;
     for round in 0..3 {
         for id in &ids {
@@ -261,17 +267,7 @@ async fn sigterm_mid_batch_exits_zero_and_hands_back_every_lease() {
     let dir = tempfile::tempdir().unwrap();
     let db_url = format!("sqlite:{}", dir.path().join("term.sqlite").display());
     let port = free_port();
-    let mut child = serve(&db_url, port, &sandbox.healthie_url());
-    wait_for("the service to be ready", Duration::from_secs(30), || {
-        ready(port)
-    })
-    .await;
-    let sender = WebhookSender::new(
-        format!("http://127.0.0.1:{port}/webhooks/healthie")
-            .parse()
-            .unwrap(),
-        WEBHOOK_SECRET.as_bytes().to_vec(),
-    );
+    let (mut child, sender) = start_serve(&db_url, port, &sandbox).await;
     for id in &ids {
         sender
             .send(&HealthieEnvelope::patient("patient.updated", id, vec![]))
