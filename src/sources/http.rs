@@ -27,6 +27,29 @@ use tokio::sync::{Mutex, Semaphore};
 use crate::metrics::Metrics;
 use crate::model::SourceKind;
 
+/// Which share of an upstream's budget a request draws from. Live work (webhook refetches,
+/// the worker) is the default; pollers, resyncs and imports run inside [`bulk`], so a running
+/// resync cannot take the share reserved for live work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    Live,
+    Bulk,
+}
+
+tokio::task_local! {
+    static LANE: Lane;
+}
+
+/// Runs `fut` with every upstream request it makes in the bulk lane.
+pub async fn bulk<F: std::future::Future>(fut: F) -> F::Output {
+    LANE.scope(Lane::Bulk, fut).await
+}
+
+/// The lane of the calling task: [`Lane::Bulk`] inside [`bulk`], else [`Lane::Live`].
+pub fn current_lane() -> Lane {
+    LANE.try_with(|lane| *lane).unwrap_or(Lane::Live)
+}
+
 /// Why an upstream call failed, grouped by what the caller does next.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -668,6 +691,13 @@ mod tests {
         assert_eq!(parse_retry_after(&h), Some(Duration::ZERO));
         h.insert("retry-after", "soon".parse().unwrap());
         assert_eq!(parse_retry_after(&h), None);
+    }
+
+    #[tokio::test]
+    async fn lane_is_live_unless_inside_bulk() {
+        assert_eq!(current_lane(), Lane::Live);
+        assert_eq!(bulk(async { current_lane() }).await, Lane::Bulk);
+        assert_eq!(current_lane(), Lane::Live);
     }
 
     fn utc(y: i32, m: u32, d: u32, h: u32) -> DateTime<Utc> {
