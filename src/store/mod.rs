@@ -334,6 +334,16 @@ pub struct PatientRow {
     pub version: i64,
 }
 
+/// One version of a canonical row in `patient_history`: the row as it was from `valid_from`
+/// (inclusive) until `valid_to` (exclusive; `None` while it is the current version).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PatientVersion {
+    #[serde(flatten)]
+    pub row: PatientRow,
+    pub valid_from: DateTime<Utc>,
+    pub valid_to: Option<DateTime<Utc>>,
+}
+
 /// Which source record supplied one canonical field.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FieldSource {
@@ -512,6 +522,20 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&(SourceKey, String)>,
         limit: u32,
     ) -> StoreResult<Vec<(SourceKey, String)>>;
+    /// Every version of a canonical row, oldest first.
+    async fn load_patient_history(&self, id: &PatientId) -> StoreResult<Vec<PatientVersion>>;
+    /// One page, in `patient_id` order strictly after `after`, of the versions that were
+    /// current at `at` (`valid_from <= at < valid_to`): the table as it was then.
+    async fn load_patients_as_of_page(
+        &self,
+        at: DateTime<Utc>,
+        after: Option<&PatientId>,
+        limit: u32,
+    ) -> StoreResult<Vec<PatientVersion>>;
+    /// Review counts by state.
+    async fn count_reviews(&self) -> StoreResult<Vec<(ReviewState, i64)>>;
+    /// Every `sync_state` row (poll cursors, resync checkpoints, budgets), by source and stream.
+    async fn list_sync_states(&self) -> StoreResult<Vec<SyncState>>;
 }
 
 /// Writes that must commit together: a source record, its link and the canonical row it

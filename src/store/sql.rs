@@ -24,8 +24,8 @@ macro_rules! impl_store {
         };
         use crate::store::{
             Backend, FieldSource, InboxCount, InboxItem, InboxState, InsertOutcome, Link,
-            LinkEvent, LinkMethod, NewInboxItem, PatientRow, RetryAt, Review, ReviewState,
-            SaveOutcome, Store, StoreError, StoreResult, StoreTx, SyncState,
+            LinkEvent, LinkMethod, NewInboxItem, PatientRow, PatientVersion, RetryAt, Review,
+            ReviewState, SaveOutcome, Store, StoreError, StoreResult, StoreTx, SyncState,
         };
 
         type DbRow = <$Db as sqlx::Database>::Row;
@@ -144,6 +144,19 @@ macro_rules! impl_store {
                 first_seen_at: row.try_get("first_seen_at")?,
                 updated_at: row.try_get("updated_at")?,
                 version: row.try_get("version")?,
+            })
+        }
+
+        /// `patient_history` columns: the `patients` columns and the validity range.
+        fn history_columns() -> String {
+            format!("{PATIENT_COLUMNS}, valid_from, valid_to")
+        }
+
+        fn version_from_row(row: &DbRow) -> StoreResult<PatientVersion> {
+            Ok(PatientVersion {
+                row: patient_from_row(row)?,
+                valid_from: row.try_get("valid_from")?,
+                valid_to: row.try_get("valid_to")?,
             })
         }
 
@@ -650,6 +663,63 @@ macro_rules! impl_store {
                     })
                     .collect()
             }
+
+            async fn load_patient_history(&self, id: &PatientId) -> StoreResult<Vec<PatientVersion>> {
+                let sql = format!(
+                    "SELECT {} FROM patient_history WHERE patient_id = $1 ORDER BY version",
+                    history_columns()
+                );
+                let rows = sqlx::query(&sql).bind(id.as_str()).fetch_all(&self.pool).await?;
+                rows.iter().map(version_from_row).collect()
+            }
+
+            async fn load_patients_as_of_page(
+                &self,
+                at: DateTime<Utc>,
+                after: Option<&PatientId>,
+                limit: u32,
+            ) -> StoreResult<Vec<PatientVersion>> {
+                let sql = format!(
+                    "SELECT {} FROM patient_history \
+                     WHERE valid_from <= $1 AND (valid_to IS NULL OR valid_to > $1) AND patient_id > $2 \
+                     ORDER BY patient_id LIMIT $3",
+                    history_columns()
+                );
+                let rows = sqlx::query(&sql)
+                    .bind(at)
+                    .bind(after.map(|p| p.as_str()).unwrap_or(""))
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(version_from_row).collect()
+            }
+
+            async fn count_reviews(&self) -> StoreResult<Vec<(ReviewState, i64)>> {
+                let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM match_reviews GROUP BY state ORDER BY state")
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter()
+                    .map(|row| {
+                        let state: String = row.try_get("state")?;
+                        Ok((
+                            ReviewState::parse(&state).ok_or_else(|| {
+                                StoreError::corrupt("review state", crate::store::sql::BadValue("state"))
+                            })?,
+                            row.try_get("n")?,
+                        ))
+                    })
+                    .collect()
+            }
+
+            async fn list_sync_states(&self) -> StoreResult<Vec<SyncState>> {
+                let rows = sqlx::query(
+                    "SELECT source, stream, cursor, checkpoint, last_success_at, updated_at FROM sync_state \
+                     ORDER BY source, stream",
+                )
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(sync_state_from_row).collect()
+            }
         }
 
         /// A write transaction on this backend.
@@ -794,6 +864,43 @@ macro_rules! impl_store {
                 .bind(row.version)
                 .execute(&mut *self.tx)
                 .await?;
+                // History: the new version is valid from its change (never before the version it
+                // replaces, so ranges cannot overlap); the replaced one ends where it begins.
+                let open = sqlx::query(
+                    "SELECT version, valid_from FROM patient_history WHERE patient_id = $1 AND valid_to IS NULL",
+                )
+                .bind(row.patient_id.as_str())
+                .fetch_all(&mut *self.tx)
+                .await?;
+                let mut valid_from = row.updated_at;
+                for prev in &open {
+                    let version: i64 = prev.try_get("version")?;
+                    let from: DateTime<Utc> = prev.try_get("valid_from")?;
+                    valid_from = if version == row.version { from } else { valid_from.max(from) };
+                }
+                sqlx::query(
+                    "UPDATE patient_history SET valid_to = $2 WHERE patient_id = $1 AND valid_to IS NULL AND version <> $3",
+                )
+                .bind(row.patient_id.as_str())
+                .bind(valid_from)
+                .bind(row.version)
+                .execute(&mut *self.tx)
+                .await?;
+                let updates: Vec<String> = PATIENT_COLUMNS
+                    .split(", ")
+                    .filter(|c| *c != "patient_id" && *c != "version")
+                    .map(|c| format!("{c} = excluded.{c}"))
+                    .collect();
+                let sql = format!(
+                    "INSERT INTO patient_history ({PATIENT_COLUMNS}, valid_from) SELECT {PATIENT_COLUMNS}, $2 FROM patients WHERE patient_id = $1 \
+                     ON CONFLICT (patient_id, version) DO UPDATE SET {}, valid_from = excluded.valid_from, valid_to = NULL",
+                    updates.join(", ")
+                );
+                sqlx::query(&sql)
+                    .bind(row.patient_id.as_str())
+                    .bind(valid_from)
+                    .execute(&mut *self.tx)
+                    .await?;
                 sqlx::query("DELETE FROM patient_field_sources WHERE patient_id = $1")
                     .bind(row.patient_id.as_str())
                     .execute(&mut *self.tx)
