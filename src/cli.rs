@@ -112,6 +112,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Stream the patients table as CSV or JSON Lines, to stdout or a file.
+    Export {
+        #[arg(long, value_enum)]
+        format: crate::export::ExportFormat,
+        /// Write to this file (replaced only when the export is complete) instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Also export rows merged into another patient.
+        #[arg(long)]
+        include_merged: bool,
+        /// The table as it was at this time (RFC 3339 or YYYY-MM-DD), from patient_history.
+        #[arg(long, value_parser = parse_since)]
+        as_of: Option<DateTime<Utc>>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -267,7 +281,50 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Import { source, file, json } => import(settings, source, file, json).await,
         Command::Rebuild { dry_run, json } => rebuild(settings, dry_run, json).await,
+        Command::Export {
+            format,
+            out,
+            include_merged,
+            as_of,
+        } => export(settings, format, out, include_merged, as_of).await,
     }
+}
+
+async fn export(
+    settings: Settings,
+    format: crate::export::ExportFormat,
+    out: Option<PathBuf>,
+    include_merged: bool,
+    as_of: Option<DateTime<Utc>>,
+) -> anyhow::Result<ExitCode> {
+    let store = app::open_store(&settings).await?;
+    let options = crate::export::ExportOptions {
+        format,
+        include_merged,
+        as_of,
+        ..Default::default()
+    };
+    let summary = match &out {
+        Some(path) => crate::export::export_to_file(store.as_ref(), &options, path).await,
+        None => {
+            let stdout = std::io::stdout();
+            let mut writer = std::io::BufWriter::new(stdout.lock());
+            crate::export::export_patients(store.as_ref(), &options, &mut writer).await
+        }
+    }
+    .context("export failed")?;
+    eprintln!(
+        "exported {} patients{}{}",
+        summary.rows,
+        if summary.merged_skipped > 0 {
+            format!(" ({} merged left out)", summary.merged_skipped)
+        } else {
+            String::new()
+        },
+        out.map(|p| format!(" to {}", p.display()))
+            .unwrap_or_default()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Prints a successful admin result; an admin refusal (unknown id, already decided) is a

@@ -5,6 +5,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod export;
 pub mod identity;
 pub mod metrics;
 pub mod model;

@@ -4,6 +4,7 @@
 mod app;
 mod cli;
 mod crash;
+mod export;
 mod healthie_flow;
 mod helpers;
 mod history;
