@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::app::{self, Application};
 use crate::config::Settings;
 use crate::model::{InboxId, PatientId, SourceKey, SourceKind};
-use crate::store::{now_ms, InboxState, ReviewState, Store};
+use crate::store::{now_ms, InboxState, ReviewState};
 use crate::sync::admin::{self, AdminError};
 
 pub const EXIT_FAILURE: u8 = 1;
@@ -223,7 +223,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sync => sync_once(settings).await,
         Command::Status { json } => {
             let store = app::open_store(&settings).await?;
-            let status = load_status(store.as_ref()).await?;
+            let status = crate::status::load_status(store.as_ref(), &settings).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -468,87 +468,6 @@ async fn sync_once(settings: Settings) -> anyhow::Result<ExitCode> {
         ExitCode::from(EXIT_INCOMPLETE)
     } else {
         ExitCode::SUCCESS
-    })
-}
-
-/// What `status` reports.
-#[derive(Debug, Serialize)]
-pub struct Status {
-    pub inbox: Vec<crate::store::InboxCount>,
-    pub oldest_pending_age_secs: Option<f64>,
-    pub dead_letters: i64,
-    pub patients: Vec<(String, i64)>,
-    /// Daily request budgets (IntakeQ), as last saved by a process using the key.
-    pub budgets: Vec<(SourceKind, crate::sources::http::BudgetSnapshot)>,
-}
-
-impl Status {
-    fn render_text(&self) -> String {
-        let mut out = String::from("inbox:\n");
-        if self.inbox.is_empty() {
-            out.push_str("  (empty)\n");
-        }
-        for c in &self.inbox {
-            out.push_str(&format!(
-                "  {:<9} {:<8} {}\n",
-                c.source.as_str(),
-                c.state.as_str(),
-                c.count
-            ));
-        }
-        match self.oldest_pending_age_secs {
-            Some(age) => out.push_str(&format!("oldest pending: {age:.1}s\n")),
-            None => out.push_str("oldest pending: none\n"),
-        }
-        out.push_str(&format!("dead letters: {}\n", self.dead_letters));
-        for (source, b) in &self.budgets {
-            let exhausted = if b.remaining == 0 {
-                " (spent: work waits for the reset)"
-            } else {
-                ""
-            };
-            out.push_str(&format!(
-                "{} daily budget: {} of {} left, resets {}{}\n",
-                source.as_str(),
-                b.remaining,
-                b.limit,
-                b.resets_at.to_rfc3339(),
-                exhausted
-            ));
-        }
-        out.push_str("patients:\n");
-        if self.patients.is_empty() {
-            out.push_str("  (none)\n");
-        }
-        for (status, n) in &self.patients {
-            out.push_str(&format!("  {status:<9} {n}\n"));
-        }
-        out
-    }
-}
-
-pub async fn load_status(store: &dyn Store) -> anyhow::Result<Status> {
-    let inbox = store.inbox_counts().await?;
-    let dead_letters = inbox
-        .iter()
-        .filter(|c| c.state == InboxState::Dead)
-        .map(|c| c.count)
-        .sum();
-    let oldest = store.oldest_pending_ms().await?;
-    let mut budgets = Vec::new();
-    for source in SourceKind::ALL {
-        if let Some(state) = store.load_sync_state(source, app::BUDGET_STREAM).await? {
-            if let Some(b) = state.cursor.and_then(|c| serde_json::from_str(&c).ok()) {
-                budgets.push((source, b));
-            }
-        }
-    }
-    Ok(Status {
-        budgets,
-        inbox,
-        oldest_pending_age_secs: oldest.map(|t| (now_ms() - t).max(0) as f64 / 1000.0),
-        dead_letters,
-        patients: store.count_patients().await?,
     })
 }
 

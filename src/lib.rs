@@ -12,6 +12,7 @@ pub mod model;
 pub mod receiver;
 pub mod sandbox;
 pub mod sources;
+pub mod status;
 pub mod store;
 pub mod sync;
 pub mod telemetry;

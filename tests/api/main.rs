@@ -9,6 +9,7 @@ mod healthie_flow;
 mod helpers;
 mod history;
 mod identity_flow;
+mod ops;
 mod pg;
 mod phi;
 mod sources_flow;
