@@ -76,6 +76,9 @@ impl Application {
         let metrics = Arc::new(Metrics::new());
         let store = open_store(&settings).await?;
         let sources = build_sources(&settings, &metrics);
+        for kind in sources.keys() {
+            metrics.init_source(kind.as_str());
+        }
         restore_budgets(store.as_ref(), &sources).await?;
         let listener = TcpListener::bind(settings.server.listen)
             .await

@@ -5,6 +5,15 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Mutex;
 
+/// Inbox items newly stored, by source and origin (`webhook` or `poll`); duplicates excluded.
+pub const EVENTS_RECEIVED: &str = "patient_sync_events_received_total";
+pub const EVENTS_RECEIVED_HELP: &str =
+    "Inbox items newly stored, by source and origin (duplicates excluded).";
+/// Inbox items finished by the worker, by source and outcome (`done`, `ignored`, `retried`,
+/// `dead`).
+pub const EVENTS_PROCESSED: &str = "patient_sync_events_processed_total";
+pub const EVENTS_PROCESSED_HELP: &str = "Inbox items finished, by source and outcome.";
+
 /// Bucket bounds, in seconds, of every histogram.
 const BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -98,6 +107,27 @@ impl Metrics {
         }
         h.sum += seconds;
         h.count += 1;
+    }
+
+    /// Creates the per-source event counters at zero, so every series exists (and rates and
+    /// alerts work) before the first event of its kind.
+    pub fn init_source(&self, source: &str) {
+        for origin in ["webhook", "poll"] {
+            self.inc(
+                EVENTS_RECEIVED,
+                EVENTS_RECEIVED_HELP,
+                &[("source", source), ("origin", origin)],
+                0,
+            );
+        }
+        for outcome in ["done", "ignored", "retried", "dead"] {
+            self.inc(
+                EVENTS_PROCESSED,
+                EVENTS_PROCESSED_HELP,
+                &[("source", source), ("outcome", outcome)],
+                0,
+            );
+        }
     }
 
     /// The current value of a counter (tests and summaries).

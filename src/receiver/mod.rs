@@ -247,6 +247,12 @@ fn respond(
     match &result {
         Ok(Ack::Stored { id, ignored }) => {
             span.record("inbox_id", id.0);
+            state.metrics.inc(
+                crate::metrics::EVENTS_RECEIVED,
+                crate::metrics::EVENTS_RECEIVED_HELP,
+                &[("source", source.as_str()), ("origin", "webhook")],
+                1,
+            );
             match ignored {
                 None => tracing::debug!(inbox_id = id.0, "stored webhook delivery as pending"),
                 Some(reason) => tracing::debug!(

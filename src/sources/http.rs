@@ -299,8 +299,8 @@ impl Upstream {
         let waited = started.elapsed();
         if waited >= Duration::from_millis(1) {
             self.metrics.observe(
-                "patient_sync_rate_limit_wait_seconds",
-                "Time spent waiting for the client-side rate limiter, by source.",
+                RATE_LIMIT_WAIT,
+                RATE_LIMIT_WAIT_HELP,
                 &[("source", self.source.as_str())],
                 waited.as_secs_f64(),
             );
@@ -435,10 +435,11 @@ impl Upstream {
                         .retry_after()
                         .unwrap_or_else(|| self.rate_limit_delay(answers));
                     self.pause_for(delay).await;
+                    let status = e.http_status().map_or("none".to_string(), |s| s.to_string());
                     self.metrics.inc(
                         "patient_sync_upstream_rate_limited_total",
-                        "Rate-limit answers received, by source.",
-                        &[("source", self.source.as_str())],
+                        "Rate-limit answers received, by source and HTTP status (a GraphQL limit arrives with 200).",
+                        &[("source", self.source.as_str()), ("status", &status)],
                         1,
                     );
                     if let (Some(budget), Some(after)) = (&self.budget, e.retry_after()) {
@@ -449,6 +450,13 @@ impl Upstream {
                     if started.elapsed() + delay > self.policy.max_retry_elapsed {
                         return Err(backoff::Error::permanent(e));
                     }
+                    // The retry sleeps out the pause itself, so count the wait here.
+                    self.metrics.observe(
+                        RATE_LIMIT_WAIT,
+                        RATE_LIMIT_WAIT_HELP,
+                        &[("source", self.source.as_str())],
+                        delay.as_secs_f64(),
+                    );
                     Err(backoff::Error::retry_after(e, delay))
                 }
                 Err(e) if e.is_retryable() => Err(backoff::Error::transient(e)),
@@ -472,6 +480,9 @@ impl Upstream {
 
 /// A `Retry-After` this long on a rate-limit answer means the daily cap, not the per-minute one.
 const DAILY_CAP_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+const RATE_LIMIT_WAIT: &str = "patient_sync_rate_limit_wait_seconds";
+const RATE_LIMIT_WAIT_HELP: &str = "Time requests spent waiting for rate limits (client-side limiter, daily budget, or a pause after a rate-limit answer), by source.";
 
 /// Where time comes from for daily budgets: the wall clock in production, a hand-moved clock
 /// in tests.

@@ -240,6 +240,12 @@ async fn poll_stream(
             let label = match outcome {
                 InsertOutcome::Inserted(_) => {
                     summary.queued += 1;
+                    metrics.inc(
+                        crate::metrics::EVENTS_RECEIVED,
+                        crate::metrics::EVENTS_RECEIVED_HELP,
+                        &[("source", kind.as_str()), ("origin", "poll")],
+                        1,
+                    );
                     "queued"
                 }
                 InsertOutcome::Duplicate => {

@@ -259,8 +259,8 @@ impl Worker {
             age,
         );
         self.metrics.inc(
-            "patient_sync_events_processed_total",
-            "Inbox items finished, by source and outcome.",
+            crate::metrics::EVENTS_PROCESSED,
+            crate::metrics::EVENTS_PROCESSED_HELP,
             &[("source", item.source.as_str()), ("outcome", "done")],
             1,
         );
@@ -375,8 +375,8 @@ impl Worker {
 
     fn count(&self, source: &str, outcome: &str) {
         self.metrics.inc(
-            "patient_sync_events_processed_total",
-            "Inbox items finished, by source and outcome.",
+            crate::metrics::EVENTS_PROCESSED,
+            crate::metrics::EVENTS_PROCESSED_HELP,
             &[("source", source), ("outcome", outcome)],
             1,
         );

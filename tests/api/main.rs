@@ -9,6 +9,7 @@ mod healthie_flow;
 mod helpers;
 mod history;
 mod identity_flow;
+mod metrics;
 mod ops;
 mod pg;
 mod phi;

@@ -201,7 +201,7 @@ async fn enhance_your_calm_is_retried_with_backoff() {
     assert_eq!(
         f.metrics.counter(
             "patient_sync_upstream_rate_limited_total",
-            &[("source", "hint")]
+            &[("source", "hint"), ("status", "429")]
         ),
         2
     );
