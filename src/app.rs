@@ -164,16 +164,24 @@ impl Application {
             workers.push(tokio::spawn(async move { worker.run(token).await }));
         }
         info!(%addr, workers = workers.len(), sources = self.sources.len(), "Service started.");
-        let interval = Duration::from_secs(self.settings.poll.interval_secs);
-        let poller = (!interval.is_zero()).then(|| {
-            let (store, sources, metrics, token) = (
-                self.store.clone(),
-                self.sources.clone(),
-                self.metrics.clone(),
-                shutdown.clone(),
-            );
+        // Two pollers: IntakeQ and Hint every `poll.interval_secs`, Healthie's safety sweep
+        // every `poll.healthie_sweep_interval_secs`.
+        let (sweep, others): (HashMap<_, _>, HashMap<_, _>) = self
+            .sources
+            .clone()
+            .into_iter()
+            .partition(|(kind, _)| *kind == SourceKind::Healthie);
+        let pollers: Vec<_> = [
+            (others, self.settings.poll.interval_secs),
+            (sweep, self.settings.poll.healthie_sweep_interval_secs),
+        ]
+        .into_iter()
+        .filter(|(sources, secs)| !sources.is_empty() && *secs > 0)
+        .map(|(sources, secs)| {
+            let (store, metrics, token) =
+                (self.store.clone(), self.metrics.clone(), shutdown.clone());
             tokio::spawn(async move {
-                let mut ticker = tokio::time::interval(interval);
+                let mut ticker = tokio::time::interval(Duration::from_secs(secs));
                 ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tokio::select! {
@@ -182,13 +190,14 @@ impl Application {
                     }
                 }
             })
-        });
+        })
+        .collect();
         let server_token = shutdown.clone();
         axum::serve(self.listener, router)
             .with_graceful_shutdown(async move { server_token.cancelled().await })
             .await
             .context("http server failed")?;
-        if let Some(poller) = poller {
+        for poller in pollers {
             poller.abort();
         }
         let grace = Duration::from_secs(self.settings.worker.shutdown_grace_secs);

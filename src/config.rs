@@ -220,6 +220,9 @@ pub struct WorkerSettings {
 pub struct PollSettings {
     /// Seconds between incremental polls of every enabled source in `serve`; 0 disables them.
     pub interval_secs: u64,
+    /// Seconds between Healthie safety sweeps in `serve` (its `active` and `archived` poll
+    /// streams), separate from `interval_secs`; 0 disables them.
+    pub healthie_sweep_interval_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

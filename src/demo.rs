@@ -128,6 +128,7 @@ pub async fn run_demo(base: Settings, dir: Option<PathBuf>, people: usize) -> an
     settings.database.url = format!("sqlite:{}", db_path.display());
     settings.server.listen = "127.0.0.1:0".parse().expect("valid address");
     settings.poll.interval_secs = 0;
+    settings.poll.healthie_sweep_interval_secs = 0;
     settings.worker.idle_poll_ms = 50;
     let h = &mut settings.sources.healthie;
     h.enabled = true;

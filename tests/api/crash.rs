@@ -48,6 +48,7 @@ fn serve(db_url: &str, port: u16, healthie_url: &str) -> Child {
         .env("PATIENT_SYNC_WORKER__LEASE_SECS", "1")
         .env("PATIENT_SYNC_WORKER__IDLE_POLL_MS", "20")
         .env("PATIENT_SYNC_POLL__INTERVAL_SECS", "0")
+        .env("PATIENT_SYNC_POLL__HEALTHIE_SWEEP_INTERVAL_SECS", "0")
         .env("PATIENT_SYNC_LOG__LEVEL", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())

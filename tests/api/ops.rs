@@ -254,3 +254,57 @@ async fn status_json_reports_inbox_reviews_sources_budgets_and_patients() {
     assert!(text.contains("dead letters: 1"), "{text}");
     assert!(text.contains("left today"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_runs_the_healthie_safety_sweep_on_its_own_interval() {
+    use patient_sync::sandbox::INTAKEQ_API_KEY;
+    let sandbox = start_sandbox(10, 25, Faults::default()).await;
+    let db = crate::helpers::database(crate::helpers::Db::Sqlite).await;
+    let intakeq_url = sandbox.intakeq_url();
+    let settings = crate::app::settings_for(
+        &db.url,
+        &sandbox.healthie_url(),
+        &[
+            ("PATIENT_SYNC_POLL__INTERVAL_SECS", "0"),
+            ("PATIENT_SYNC_POLL__HEALTHIE_SWEEP_INTERVAL_SECS", "1"),
+            ("PATIENT_SYNC_SOURCES__INTAKEQ__ENABLED", "true"),
+            ("PATIENT_SYNC_SOURCES__INTAKEQ__BASE_URL", &intakeq_url),
+            ("PATIENT_SYNC_SOURCES__INTAKEQ__API_KEY", INTAKEQ_API_KEY),
+        ],
+    );
+    let app = patient_sync::app::Application::build(settings)
+        .await
+        .unwrap();
+    let store = app.store();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let serving = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+    // Two completed sweeps (a second one shows it repeats), within a generous deadline.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut first_pass = None;
+    loop {
+        let states = store.list_sync_states().await.unwrap();
+        let active = states
+            .iter()
+            .find(|s| s.source == SourceKind::Healthie && s.stream == "active")
+            .and_then(|s| s.last_success_at);
+        match (first_pass, active) {
+            (None, Some(t)) => first_pass = Some(t),
+            (Some(first), Some(t)) if t > first => break,
+            _ => {}
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no repeated Healthie sweep"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let states = store.list_sync_states().await.unwrap();
+    assert!(
+        states.iter().all(
+            |s| s.source != SourceKind::Intakeq || s.stream == patient_sync::app::BUDGET_STREAM
+        ),
+        "IntakeQ is not polled with poll.interval_secs = 0: {states:?}"
+    );
+    shutdown.cancel();
+    serving.await.unwrap().unwrap();
+}
