@@ -9,6 +9,7 @@ mod healthie_flow;
 mod helpers;
 mod history;
 mod identity_flow;
+mod logs;
 mod metrics;
 mod ops;
 mod pg;
