@@ -864,28 +864,26 @@ macro_rules! impl_store {
                 .bind(row.version)
                 .execute(&mut *self.tx)
                 .await?;
-                // History: the new version is valid from its change (never before the version it
-                // replaces, so ranges cannot overlap); the replaced one ends where it begins.
-                let open = sqlx::query(
-                    "SELECT version, valid_from FROM patient_history WHERE patient_id = $1 AND valid_to IS NULL",
-                )
-                .bind(row.patient_id.as_str())
-                .fetch_all(&mut *self.tx)
-                .await?;
+                // History: close the open version (none for a new row) where the new one begins:
+                // at its change, but never before the closed version began, so ranges cannot
+                // overlap. Saving the same version again rewrites it in place.
+                let closed = if row.version > 1 {
+                    sqlx::query(
+                        "UPDATE patient_history SET valid_to = CASE WHEN valid_from > $2 THEN valid_from ELSE $2 END \
+                         WHERE patient_id = $1 AND valid_to IS NULL AND version <> $3 RETURNING valid_to",
+                    )
+                    .bind(row.patient_id.as_str())
+                    .bind(row.updated_at)
+                    .bind(row.version)
+                    .fetch_all(&mut *self.tx)
+                    .await?
+                } else {
+                    Vec::new()
+                };
                 let mut valid_from = row.updated_at;
-                for prev in &open {
-                    let version: i64 = prev.try_get("version")?;
-                    let from: DateTime<Utc> = prev.try_get("valid_from")?;
-                    valid_from = if version == row.version { from } else { valid_from.max(from) };
+                for prev in &closed {
+                    valid_from = valid_from.max(prev.try_get::<DateTime<Utc>, _>("valid_to")?);
                 }
-                sqlx::query(
-                    "UPDATE patient_history SET valid_to = $2 WHERE patient_id = $1 AND valid_to IS NULL AND version <> $3",
-                )
-                .bind(row.patient_id.as_str())
-                .bind(valid_from)
-                .bind(row.version)
-                .execute(&mut *self.tx)
-                .await?;
                 let updates: Vec<String> = PATIENT_COLUMNS
                     .split(", ")
                     .filter(|c| *c != "patient_id" && *c != "version")
@@ -893,7 +891,7 @@ macro_rules! impl_store {
                     .collect();
                 let sql = format!(
                     "INSERT INTO patient_history ({PATIENT_COLUMNS}, valid_from) SELECT {PATIENT_COLUMNS}, $2 FROM patients WHERE patient_id = $1 \
-                     ON CONFLICT (patient_id, version) DO UPDATE SET {}, valid_from = excluded.valid_from, valid_to = NULL",
+                     ON CONFLICT (patient_id, version) DO UPDATE SET {}, valid_to = NULL",
                     updates.join(", ")
                 );
                 sqlx::query(&sql)
