@@ -311,8 +311,15 @@ async fn export(
             let mut writer = std::io::BufWriter::new(stdout.lock());
             crate::export::export_patients(store.as_ref(), &options, &mut writer).await
         }
-    }
-    .context("export failed")?;
+    };
+    let summary = match summary {
+        Ok(summary) => summary,
+        // The reader went away (`export ... | head`): not a failure of the export.
+        Err(crate::export::ExportError::Write(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            return Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => return Err(e).context("export failed"),
+    };
     eprintln!(
         "exported {} patients{}{}",
         summary.rows,

@@ -287,3 +287,31 @@ async fn a_failed_export_leaves_no_partial_file() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-dir"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_stops_early_is_not_a_failure() {
+    use std::io::BufRead;
+    let db = seeded().await;
+    let url = db.url.clone();
+    let status = tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(BIN)
+            .args(["export", "--format", "jsonl"])
+            .env("PATIENT_SYNC_DATABASE__URL", &url)
+            .env("PATIENT_SYNC_LOG__LEVEL", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Like `| head -1`: read one line, then close the pipe (the export is larger than the
+        // pipe's buffer, so the writer sees the closed pipe).
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert!(first.starts_with('{'));
+        child.wait().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "{status:?}");
+}
