@@ -571,6 +571,8 @@ mod tests {
             burst: 1000,
             timeout_ms: 5000,
             batch_size: 50,
+            live_reserved_share: 0.2,
+            batch_window_ms: 0,
             api_key: Secret::new("hk_test_123"),
             webhook_secret: Vec::new(),
         }

@@ -53,14 +53,18 @@ impl Healthie {
     }
 }
 
-/// The [`Upstream`] for the configured key: `requests_per_second` with `burst`, `timeout_ms`.
+/// The [`Upstream`] for the configured key: `requests_per_second` with `burst`, `timeout_ms`,
+/// `live_reserved_share` kept for live work.
 pub fn upstream_for(settings: &HealthieSettings, metrics: Arc<Metrics>) -> Arc<Upstream> {
     let policy = UpstreamPolicy::per_second(
         settings.requests_per_second,
         settings.burst,
         Duration::from_millis(settings.timeout_ms),
     );
-    Arc::new(Upstream::new(SourceKind::Healthie, policy, metrics))
+    Arc::new(
+        Upstream::new(SourceKind::Healthie, policy, metrics)
+            .with_live_reserve(settings.live_reserved_share),
+    )
 }
 
 #[async_trait]
