@@ -512,6 +512,17 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&(SourceKey, String)>,
         limit: u32,
     ) -> StoreResult<Vec<(SourceKey, String)>>;
+    /// Leases to `owner` every other item of `source` about one of `resource_ids` that is
+    /// pending (due or not: one fetch now answers it too) or whose lease expired, counting an
+    /// attempt for each, so many events for one resource become one fetch and finish together.
+    async fn claim_inbox_resources(
+        &self,
+        owner: &str,
+        source: SourceKind,
+        resource_ids: &[String],
+        lease: Duration,
+        now_ms: i64,
+    ) -> StoreResult<Vec<InboxItem>>;
 }
 
 /// Writes that must commit together: a source record, its link and the canonical row it
