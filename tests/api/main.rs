@@ -4,6 +4,7 @@
 mod app;
 mod cli;
 mod crash;
+mod faults;
 mod healthie_flow;
 mod helpers;
 mod identity_flow;

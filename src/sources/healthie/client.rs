@@ -408,7 +408,14 @@ fn check_response(response: &RawResponse) -> Result<(), FetchError> {
         })?;
     match answer.errors {
         Some(errors) if !errors.is_empty() => {
-            Err(classify_errors(&errors, response.status.as_u16()))
+            match classify_errors(&errors, response.status.as_u16()) {
+                // Honour a `Retry-After` when Healthie sends one with its rate-limit error.
+                FetchError::RateLimited { status, .. } => Err(FetchError::RateLimited {
+                    retry_after: crate::sources::http::parse_retry_after(&response.headers),
+                    status,
+                }),
+                other => Err(other),
+            }
         }
         _ => Ok(()),
     }
