@@ -76,8 +76,8 @@ impl Finish {
     }
 }
 
-/// A claim goes back for more items at most this many times `worker.batch_size` items.
-const MAX_CLAIM_ROUNDS: usize = 20;
+/// One claim holds at most this many times `worker.batch_size` items.
+const MAX_CLAIM_ROUNDS: usize = 8;
 
 impl Worker {
     pub fn new(
@@ -164,14 +164,15 @@ impl Worker {
                     .await?;
                 fresh.extend(siblings.into_iter().filter(|i| held.insert(i.id)));
             }
-            let got_any = !fresh.is_empty();
-            items.extend(fresh);
-            let window = self.short_window(&items);
-            let Some(window) = window else { break };
+            items.extend(fresh.iter().cloned());
+            let Some((window, short)) = self.short_window(&items) else {
+                break;
+            };
             if items.len() >= cap {
                 break;
             }
-            if full && got_any {
+            // Claim again at once only while the queue keeps yielding items of a short source.
+            if full && fresh.iter().any(|i| short.contains(&i.source)) {
                 continue;
             }
             if !wait_for_batches || waited || window.is_zero() {
@@ -197,8 +198,9 @@ impl Worker {
     }
 
     /// When a batching source has some but fewer distinct records to fetch than one request
-    /// carries: the longest batch window among such sources. `None` when every batch is full.
-    fn short_window(&self, items: &[InboxItem]) -> Option<Duration> {
+    /// carries: the longest batch window among such sources, and those sources. `None` when
+    /// every batch is full.
+    fn short_window(&self, items: &[InboxItem]) -> Option<(Duration, Vec<SourceKind>)> {
         let mut distinct: BTreeMap<SourceKind, BTreeSet<SourceId>> = BTreeMap::new();
         for item in items {
             distinct
@@ -206,14 +208,17 @@ impl Worker {
                 .or_default()
                 .extend(self.fetch_ids(item));
         }
-        distinct
+        let short: Vec<(SourceKind, Duration)> = distinct
             .into_iter()
             .filter_map(|(kind, ids)| {
                 let source = self.sources.get(&kind)?;
                 let size = source.fetch_batch_size();
-                (size > 1 && !ids.is_empty() && ids.len() < size).then(|| source.batch_window())
+                (size > 1 && !ids.is_empty() && ids.len() < size)
+                    .then(|| (kind, source.batch_window()))
             })
-            .max()
+            .collect();
+        let window = short.iter().map(|(_, w)| *w).max()?;
+        Some((window, short.into_iter().map(|(k, _)| k).collect()))
     }
 
     /// Processes batches until nothing is due. Tests, `sync` and the demo drive the queue with

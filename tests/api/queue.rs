@@ -371,7 +371,31 @@ async fn concurrent_updates_of_one_patient_are_serialized(db: Db) {
     );
 }
 
+async fn filling_a_batch_stops_when_the_queue_yields_other_sources_only(db: Db) {
+    let app = spawn_app(db, 10).await;
+    let id = active_ids(&app, 1).remove(0);
+    let now = patient_sync::store::now_ms();
+    app.store
+        .insert_inbox(&item(SourceKind::Healthie, &id, now - 1_000))
+        .await
+        .unwrap();
+    for i in 0..400 {
+        app.store
+            .insert_inbox(&item(SourceKind::Intakeq, &i.to_string(), now - 500))
+            .await
+            .unwrap();
+    }
+    // Claim 1: the Healthie item and 49 others; claim 2 finds no Healthie item, so it stops
+    // there rather than claiming everything in search of a fuller batch.
+    let summary = app.worker.run_once().await.unwrap();
+    assert_eq!(summary.claimed, 100);
+    assert_eq!(summary.done, 1);
+    let total = app.worker.drain().await.unwrap();
+    assert_eq!(total.claimed, 301);
+}
+
 crate::on_both_backends!(
+    filling_a_batch_stops_when_the_queue_yields_other_sources_only,
     many_webhooks_for_few_patients_become_one_batched_fetch,
     claiming_a_resource_takes_its_other_pending_items_only,
     concurrent_workers_leave_no_item_lost_or_stuck,
