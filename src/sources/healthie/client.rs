@@ -983,6 +983,25 @@ mod tests {
     }
 
     #[test]
+    fn a_rate_limit_error_honours_retry_after_when_sent() {
+        let limited = graphql_error("Too many requests.", Some("TOO_MANY_REQUESTS"));
+        let mut response = raw(200, limited);
+        match check_response(&response) {
+            Err(FetchError::RateLimited { retry_after, .. }) => assert_eq!(retry_after, None),
+            other => panic!("{other:?}"),
+        }
+        response
+            .headers
+            .insert("retry-after", HeaderValue::from_static("3"));
+        match check_response(&response) {
+            Err(FetchError::RateLimited { retry_after, .. }) => {
+                assert_eq!(retry_after, Some(std::time::Duration::from_secs(3)))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn graphql_errors_are_classified_by_code_and_shape() {
         let cases = [
             (
