@@ -68,6 +68,10 @@ pub enum Command {
         /// `PATIENT_SYNC_SOURCES__HEALTHIE__WEBHOOK_SECRET`.
         #[arg(long, value_name = "URL")]
         send_webhooks: Option<reqwest::Url>,
+        /// TOML file of faults to inject, one table per fake (`[healthie]`, `[intakeq]`,
+        /// `[hint]`), e.g. `error_500_share = 0.05` (see `sandbox::faults`).
+        #[arg(long, value_name = "FILE")]
+        faults: Option<std::path::PathBuf>,
     },
     /// Run the sandbox and the service end to end on a fresh SQLite file and print a summary.
     Demo {
@@ -237,10 +241,30 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             people,
             seed,
             send_webhooks,
+            faults,
         } => {
+            let faults = match faults
+                .as_deref()
+                .map(crate::sandbox::faults::SourceFaults::load)
+            {
+                Some(Ok(f)) => f,
+                Some(Err(e)) => {
+                    eprintln!("error: {e}");
+                    return Ok(ExitCode::from(EXIT_CONFIG));
+                }
+                None => Default::default(),
+            };
             let shutdown = app::shutdown_on_signals();
-            crate::demo::run_sandbox(&settings, listen, people, seed, send_webhooks, shutdown)
-                .await?;
+            crate::demo::run_sandbox(
+                &settings,
+                listen,
+                people,
+                seed,
+                send_webhooks,
+                faults,
+                shutdown,
+            )
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { dir, people } => {

@@ -245,6 +245,11 @@ pub struct HealthieSettings {
     pub burst: u32,
     pub timeout_ms: u64,
     pub batch_size: u32,
+    /// Share (0 to below 1) of this key's rate budget kept for live webhook work.
+    pub live_reserved_share: f64,
+    /// How long a worker whose claim found fewer patients than `batch_size` waits for more
+    /// refetches to arrive before fetching (0: never waits).
+    pub batch_window_ms: u64,
     #[serde(default, skip_deserializing)]
     pub api_key: Secret,
     /// Every accepted webhook secret (several during rotation).
@@ -260,6 +265,8 @@ pub struct IntakeqSettings {
     pub requests_per_minute: u32,
     pub requests_per_day: u32,
     pub timeout_ms: u64,
+    /// Share (0 to below 1) of this key's rate and daily budget kept for live webhook work.
+    pub live_reserved_share: f64,
     #[serde(default, skip_deserializing)]
     pub api_key: Secret,
     #[serde(default, skip_deserializing)]
@@ -274,6 +281,8 @@ pub struct HintSettings {
     pub requests_per_second: u32,
     pub max_concurrent_requests: u32,
     pub timeout_ms: u64,
+    /// Share (0 to below 1) of this key's rate budget and concurrency kept for live webhook work.
+    pub live_reserved_share: f64,
     #[serde(default, skip_deserializing)]
     pub api_key: Secret,
     #[serde(default, skip_deserializing)]
@@ -531,6 +540,18 @@ impl Settings {
             n.max_concurrent_requests.into(),
         )?;
         positive("sources.hint.timeout_ms", n.timeout_ms)?;
+        for (key, share) in [
+            (
+                "sources.healthie.live_reserved_share",
+                h.live_reserved_share,
+            ),
+            ("sources.intakeq.live_reserved_share", i.live_reserved_share),
+            ("sources.hint.live_reserved_share", n.live_reserved_share),
+        ] {
+            if !(0.0..1.0).contains(&share) {
+                return Err(invalid(key, "must be at least 0 and below 1"));
+            }
+        }
         self.identity.validate()?;
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid("log.level", "not a valid filter (RUST_LOG syntax)"));
@@ -767,5 +788,39 @@ mod tests {
             assert!(!text.contains("hint-secret"));
         }
         assert!(shown.contains("[redacted]"));
+    }
+
+    #[test]
+    fn a_live_reserved_share_outside_0_to_1_is_refused_with_its_key() {
+        let s = Settings::load_from(None, &[]).unwrap();
+        assert_eq!(s.sources.healthie.live_reserved_share, 0.2);
+        assert_eq!(s.sources.intakeq.live_reserved_share, 0.2);
+        assert_eq!(s.sources.hint.live_reserved_share, 0.2);
+        for (var, key, value) in [
+            (
+                "PATIENT_SYNC_SOURCES__HEALTHIE__LIVE_RESERVED_SHARE",
+                "sources.healthie.live_reserved_share",
+                "1.0",
+            ),
+            (
+                "PATIENT_SYNC_SOURCES__INTAKEQ__LIVE_RESERVED_SHARE",
+                "sources.intakeq.live_reserved_share",
+                "-0.1",
+            ),
+            (
+                "PATIENT_SYNC_SOURCES__HINT__LIVE_RESERVED_SHARE",
+                "sources.hint.live_reserved_share",
+                "half",
+            ),
+        ] {
+            let err = Settings::load_from(None, &env(&[(var, value)])).unwrap_err();
+            assert!(err.to_string().contains(key), "{err}");
+        }
+        let s = Settings::load_from(
+            None,
+            &env(&[("PATIENT_SYNC_SOURCES__HINT__LIVE_RESERVED_SHARE", "0")]),
+        )
+        .unwrap();
+        assert_eq!(s.sources.hint.live_reserved_share, 0.0);
     }
 }

@@ -28,6 +28,7 @@ pub async fn run_sandbox(
     people: usize,
     seed: u64,
     send_to: Option<reqwest::Url>,
+    faults: crate::sandbox::faults::SourceFaults,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let config = SandboxConfig {
@@ -38,7 +39,8 @@ pub async fn run_sandbox(
         },
         listen,
         ..Default::default()
-    };
+    }
+    .with_faults(faults);
     let healthie_key = config.healthie.api_key.clone();
     let sandbox = Sandbox::start(config)
         .await

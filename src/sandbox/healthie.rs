@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -16,8 +16,6 @@ use axum::routing::post;
 use axum::Router;
 use base64::Engine;
 use chrono::{DateTime, NaiveDate, Utc};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use serde_json::{json, Map, Value};
 
 use super::graphql::{self, Field, GraphqlError, Out, Schema};
@@ -60,30 +58,9 @@ pub enum DefaultActiveStatus {
     All,
 }
 
-/// Fault injection, off by default. Shares are per request, drawn from a seeded generator.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Faults {
-    /// Answer HTTP 500 with an HTML body.
-    pub error_500_share: f64,
-    /// Answer after `slow_ms` (a client's timeout should fire).
-    pub slow_share: f64,
-    pub slow_ms: u64,
-    /// Answer HTTP 200 with a truncated JSON body.
-    pub malformed_share: f64,
-    pub seed: u64,
-}
-
-impl Default for Faults {
-    fn default() -> Self {
-        Self {
-            error_500_share: 0.0,
-            slow_share: 0.0,
-            slow_ms: 5_000,
-            malformed_share: 0.0,
-            seed: 0,
-        }
-    }
-}
+use super::faults::FaultInjector;
+/// Fault injection, off by default (shared by the three fakes).
+pub use super::faults::Faults;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct HealthieConfig {
@@ -245,7 +222,7 @@ pub struct HealthieServer {
     counters: Arc<HealthieCounters>,
     bucket: Mutex<Bucket>,
     sorted: Mutex<SortCache>,
-    fault_rng: Mutex<StdRng>,
+    faults: FaultInjector,
 }
 
 /// An answer: HTTP status and JSON body.
@@ -301,42 +278,29 @@ async fn handle(
     body: Bytes,
 ) -> Response {
     bump(&server.counters.requests);
-    match server.draw_fault() {
-        Some(Fault::Error500) => {
-            return (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                [(header::CONTENT_TYPE, "text/html")],
-                "<html><body><h1>We're sorry, but something went wrong.</h1></body></html>",
-            )
-                .into_response()
+    if let Some(fault) = server.faults.draw() {
+        bump(&server.counters.faults_injected);
+        let rate_limited = || {
+            let status =
+                StatusCode::from_u16(server.config.rate_limited_status).unwrap_or(StatusCode::OK);
+            Answer {
+                status,
+                body: TOO_MANY_REQUESTS_BODY.to_string(),
+            }
+            .into_response()
+        };
+        if let Some(answer) = server.faults.act(fault, rate_limited).await {
+            return answer;
         }
-        Some(Fault::Slow) => {
-            tokio::time::sleep(Duration::from_millis(server.config.faults.slow_ms)).await
-        }
-        Some(Fault::Malformed) => {
-            return (
-                StatusCode::OK,
-                [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
-                r#"{"data":{"user":{"id":"#,
-            )
-                .into_response()
-        }
-        None => {}
     }
     server.answer(&headers, &body).into_response()
-}
-
-enum Fault {
-    Error500,
-    Slow,
-    Malformed,
 }
 
 impl HealthieServer {
     pub fn new(population: SharedPopulation, config: HealthieConfig) -> Self {
         let schema = Schema::parse(SCHEMA_SDL).expect("the bundled Healthie schema parses");
         let burst = config.rate_limit.map_or(0.0, |r| f64::from(r.burst));
-        let fault_rng = StdRng::seed_from_u64(config.faults.seed);
+        let faults = FaultInjector::new(config.faults.clone());
         Self {
             config,
             schema,
@@ -347,31 +311,12 @@ impl HealthieServer {
                 last: Instant::now(),
             }),
             sorted: Mutex::new(HashMap::new()),
-            fault_rng: Mutex::new(fault_rng),
+            faults,
         }
     }
 
     pub fn counters(&self) -> &Arc<HealthieCounters> {
         &self.counters
-    }
-
-    fn draw_fault(&self) -> Option<Fault> {
-        let f = &self.config.faults;
-        if f.error_500_share <= 0.0 && f.slow_share <= 0.0 && f.malformed_share <= 0.0 {
-            return None;
-        }
-        let x: f64 = self.fault_rng.lock().expect("fault rng").gen();
-        let fault = if x < f.error_500_share {
-            Fault::Error500
-        } else if x < f.error_500_share + f.slow_share {
-            Fault::Slow
-        } else if x < f.error_500_share + f.slow_share + f.malformed_share {
-            Fault::Malformed
-        } else {
-            return None;
-        };
-        bump(&self.counters.faults_injected);
-        Some(fault)
     }
 
     fn take_token(&self) -> bool {

@@ -7,6 +7,7 @@
 //! IntakeQ and Hint fakes start from the population's records and are changed through their own
 //! handles.
 
+pub mod faults;
 pub mod graphql;
 pub mod healthie;
 pub mod hint;
@@ -42,6 +43,9 @@ pub struct SandboxConfig {
     pub healthie: HealthieConfig,
     /// Where `Sandbox::start` listens; port 0 picks a free port.
     pub listen: SocketAddr,
+    /// Faults the IntakeQ and Hint fakes inject (Healthie's are in `healthie.faults`).
+    pub intakeq_faults: faults::Faults,
+    pub hint_faults: faults::Faults,
 }
 
 impl Default for SandboxConfig {
@@ -50,6 +54,8 @@ impl Default for SandboxConfig {
             population: PopulationConfig::default(),
             healthie: HealthieConfig::default(),
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            intakeq_faults: faults::Faults::default(),
+            hint_faults: faults::Faults::default(),
         }
     }
 }
@@ -60,6 +66,35 @@ pub struct Fakes {
     pub healthie_counters: Arc<HealthieCounters>,
     pub intakeq: IntakeqSandbox,
     pub hint: HintSandbox,
+    /// Faults injected by the IntakeQ and Hint fakes (Healthie's are in its counters).
+    pub intakeq_faults: Arc<faults::FaultInjector>,
+    pub hint_faults: Arc<faults::FaultInjector>,
+}
+
+impl SandboxConfig {
+    /// Sets every fake's faults at once.
+    pub fn with_faults(mut self, all: faults::SourceFaults) -> Self {
+        self.healthie.faults = all.healthie;
+        self.intakeq_faults = all.intakeq;
+        self.hint_faults = all.hint;
+        self
+    }
+}
+
+/// IntakeQ's rate-limit answer: a bare 429.
+fn intakeq_rate_limited() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    axum::http::StatusCode::TOO_MANY_REQUESTS.into_response()
+}
+
+/// Hint's rate-limit answer: 429 `Enhance your calm`, no `Retry-After`.
+fn hint_rate_limited() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        axum::http::StatusCode::TOO_MANY_REQUESTS,
+        axum::Json(serde_json::json!({"status": 429, "message": "Enhance your calm"})),
+    )
+        .into_response()
 }
 
 /// The sandbox's routes over an existing population.
@@ -74,15 +109,29 @@ pub fn router(population: SharedPopulation, config: &SandboxConfig) -> Fakes {
     let intakeq = IntakeqSandbox::new(INTAKEQ_API_KEY, clients);
     let hint = HintSandbox::new(HINT_API_KEY, patients);
     let (healthie, healthie_counters) = healthie::router(population, config.healthie.clone());
+    let intakeq_faults = Arc::new(faults::FaultInjector::new(config.intakeq_faults.clone()));
+    let hint_faults = Arc::new(faults::FaultInjector::new(config.hint_faults.clone()));
     let router = Router::new()
         .merge(healthie)
-        .nest("/intakeq/api/v1", intakeq.router())
-        .nest("/hint", hint.router());
+        .nest(
+            "/intakeq/api/v1",
+            faults::inject(
+                intakeq.router(),
+                intakeq_faults.clone(),
+                intakeq_rate_limited,
+            ),
+        )
+        .nest(
+            "/hint",
+            faults::inject(hint.router(), hint_faults.clone(), hint_rate_limited),
+        );
     Fakes {
         router,
         healthie_counters,
         intakeq,
         hint,
+        intakeq_faults,
+        hint_faults,
     }
 }
 
@@ -123,6 +172,8 @@ impl Sandbox {
             healthie_counters,
             intakeq,
             hint,
+            intakeq_faults,
+            hint_faults,
         } = router(population.clone(), &config);
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
@@ -140,6 +191,8 @@ impl Sandbox {
             healthie_counters,
             intakeq,
             hint,
+            intakeq_faults,
+            hint_faults,
             shutdown: Some(tx),
             task: Some(task),
         })
@@ -153,6 +206,8 @@ pub struct SandboxHandle {
     healthie_counters: Arc<HealthieCounters>,
     intakeq: IntakeqSandbox,
     hint: HintSandbox,
+    intakeq_faults: Arc<faults::FaultInjector>,
+    hint_faults: Arc<faults::FaultInjector>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<io::Result<()>>>,
 }
@@ -196,6 +251,16 @@ impl SandboxHandle {
 
     pub fn healthie_counters(&self) -> &Arc<HealthieCounters> {
         &self.healthie_counters
+    }
+
+    /// Faults injected so far by one fake.
+    pub fn faults_injected(&self, source: crate::model::SourceKind) -> u64 {
+        use crate::model::SourceKind;
+        match source {
+            SourceKind::Healthie => self.healthie_counters.snapshot().faults_injected,
+            SourceKind::Intakeq => self.intakeq_faults.injected(),
+            SourceKind::Hint => self.hint_faults.injected(),
+        }
     }
 
     /// Stops accepting connections, lets in-flight requests finish, and waits.

@@ -6,6 +6,11 @@
 //! Errors that outlive the in-request retries go back to the worker, which reschedules the
 //! inbox item durably (see `sync::worker`).
 //!
+//! Live work keeps a share of each credential's budget ([`Upstream::with_live_reserve`]):
+//! requests made inside [`bulk`] (pollers, resyncs, imports) also pass a second set of limiters
+//! at `1 - share` of every quota, may not spend the last `share` of a daily allowance, and
+//! leave concurrency slots free where a cap exists; live requests pass the main limiters only.
+//!
 //! An upstream with a daily allowance (IntakeQ: 500 requests a day) also carries a
 //! [`DailyBudget`]: once it is spent, requests wait for the reset instead of failing. Time comes
 //! from a [`Clock`], so tests move it by hand instead of sleeping.
@@ -215,7 +220,44 @@ pub struct Upstream {
     policy: UpstreamPolicy,
     paused_until: Mutex<Option<Instant>>,
     budget: Option<Arc<DailyBudget>>,
+    bulk: Option<BulkLane>,
     metrics: Arc<Metrics>,
+}
+
+/// The extra gate bulk requests pass: every quota at `1 - share`, fewer concurrency slots, and
+/// the last `share` of a daily allowance kept back.
+struct BulkLane {
+    share: f64,
+    limiters: Vec<DefaultDirectRateLimiter>,
+    concurrency: Option<Semaphore>,
+}
+
+/// `quota` scaled to `keep` (0 < keep <= 1) of its rate and burst (at least one request).
+fn scaled_quota(quota: &Quota, keep: f64) -> Quota {
+    let interval = quota.replenish_interval().div_f64(keep);
+    let burst = (f64::from(quota.burst_size().get()) * keep)
+        .floor()
+        .max(1.0) as u32;
+    Quota::with_period(interval.max(Duration::from_nanos(1)))
+        .expect("period is positive")
+        .allow_burst(NonZeroU32::new(burst).expect("max(1)"))
+}
+
+/// Concurrency slots bulk requests may hold out of `cap`: at least one is kept for live work
+/// when `cap > 1` (more for larger shares), and bulk keeps at least one.
+fn bulk_slots(cap: u32, share: f64) -> u32 {
+    let cap = cap.max(1);
+    if share <= 0.0 || cap == 1 {
+        return cap;
+    }
+    let reserved = ((f64::from(cap) * share).ceil() as u32).clamp(1, cap - 1);
+    cap - reserved
+}
+
+/// Held while a request is in flight: the concurrency slots it took.
+struct Admission<'a> {
+    _bulk: Option<tokio::sync::SemaphorePermit<'a>>,
+    _main: Option<tokio::sync::SemaphorePermit<'a>>,
 }
 
 impl Upstream {
@@ -241,8 +283,40 @@ impl Upstream {
             policy,
             paused_until: Mutex::new(None),
             budget: None,
+            bulk: None,
             metrics,
         }
+    }
+
+    /// Keeps `share` (0 <= share < 1) of this credential's budget for live work: requests in
+    /// the bulk lane ([`bulk`]) get `1 - share` of each quota, cannot spend the last `share` of
+    /// a daily allowance, and leave concurrency slots free (see [`bulk_slots`]). 0 turns the
+    /// reserve off.
+    pub fn with_live_reserve(mut self, share: f64) -> Self {
+        let share = if share.is_finite() {
+            share.clamp(0.0, 0.99)
+        } else {
+            0.0
+        };
+        self.bulk = (share > 0.0).then(|| BulkLane {
+            share,
+            limiters: self
+                .policy
+                .quotas
+                .iter()
+                .map(|q| RateLimiter::direct(scaled_quota(q, 1.0 - share)))
+                .collect(),
+            concurrency: self
+                .policy
+                .max_concurrent
+                .map(|n| Semaphore::new(bulk_slots(n, share) as usize)),
+        });
+        self
+    }
+
+    /// The share of the budget kept for live work (0 when none is).
+    pub fn live_reserved_share(&self) -> f64 {
+        self.bulk.as_ref().map_or(0.0, |b| b.share)
     }
 
     /// Adds a daily allowance every attempt (retries included) draws from; when it is spent,
@@ -265,8 +339,12 @@ impl Upstream {
         &self.client
     }
 
-    /// Waits for every quota and any pause, without sending anything.
+    /// Waits for every quota and any pause of the caller's lane, without sending anything.
     async fn wait_turn(&self) {
+        let bulk = match current_lane() {
+            Lane::Bulk => self.bulk.as_ref(),
+            Lane::Live => None,
+        };
         let started = Instant::now();
         loop {
             let pause = *self.paused_until.lock().await;
@@ -278,7 +356,8 @@ impl Upstream {
             }
         }
         if let Some(budget) = &self.budget {
-            if budget.take().await {
+            let keep = bulk.map_or(0, |b| budget.reserve_for(b.share));
+            if budget.take_keeping(keep).await {
                 self.metrics.inc(
                     "patient_sync_upstream_budget_waits_total",
                     "Requests that waited for the daily request budget to reset, by source.",
@@ -293,6 +372,11 @@ impl Upstream {
                 f64::from(budget.snapshot().remaining),
             );
         }
+        if let Some(bulk) = bulk {
+            for limiter in &bulk.limiters {
+                limiter.until_ready().await;
+            }
+        }
         for limiter in &self.limiters {
             limiter.until_ready().await;
         }
@@ -304,6 +388,26 @@ impl Upstream {
                 &[("source", self.source.as_str())],
                 waited.as_secs_f64(),
             );
+        }
+    }
+
+    /// Waits for the caller's turn and takes its concurrency slots (bulk: the bulk lane's first).
+    async fn admit(&self) -> Admission<'_> {
+        self.wait_turn().await;
+        let bulk = match (current_lane(), &self.bulk) {
+            (Lane::Bulk, Some(lane)) => match &lane.concurrency {
+                Some(s) => Some(s.acquire().await.expect("semaphore is never closed")),
+                None => None,
+            },
+            _ => None,
+        };
+        let main = match &self.concurrency {
+            Some(s) => Some(s.acquire().await.expect("semaphore is never closed")),
+            None => None,
+        };
+        Admission {
+            _bulk: bulk,
+            _main: main,
         }
     }
 
@@ -322,11 +426,7 @@ impl Upstream {
         B: Fn(&reqwest::Client) -> reqwest::RequestBuilder,
         C: Fn(&RawResponse) -> Result<(), FetchError>,
     {
-        self.wait_turn().await;
-        let _permit = match &self.concurrency {
-            Some(s) => Some(s.acquire().await.expect("semaphore is never closed")),
-            None => None,
-        };
+        let _admission = self.admit().await;
         let started = Instant::now();
         let result = async {
             let response = build(&self.client)
@@ -619,11 +719,21 @@ impl DailyBudget {
     /// Takes one request from the budget, waiting for the reset when it is spent. Returns
     /// whether it had to wait.
     pub async fn take(&self) -> bool {
+        self.take_keeping(0).await
+    }
+
+    /// Requests of the allowance kept back from bulk work for a live share of `share`.
+    pub fn reserve_for(&self, share: f64) -> u32 {
+        ((f64::from(self.limit) * share).ceil() as u32).min(self.limit.saturating_sub(1))
+    }
+
+    /// Like [`Self::take`], but treats the last `keep` requests of the window as spent.
+    pub async fn take_keeping(&self, keep: u32) -> bool {
         let mut waited = false;
         loop {
             let until = {
                 let mut w = self.current();
-                if w.used < self.limit {
+                if w.used.saturating_add(keep) < self.limit {
                     w.used += 1;
                     return waited;
                 }
@@ -709,6 +819,145 @@ mod tests {
         assert_eq!(current_lane(), Lane::Live);
         assert_eq!(bulk(async { current_lane() }).await, Lane::Bulk);
         assert_eq!(current_lane(), Lane::Live);
+    }
+
+    /// An upstream whose only quota refills once an hour: what a burst lets through is all
+    /// that gets through during a test.
+    fn hourly(burst: u32, max_concurrent: Option<u32>, share: f64) -> Upstream {
+        let mut policy = UpstreamPolicy::per_second(1, 1, Duration::from_secs(1));
+        policy.quotas = vec![Quota::per_hour(NonZeroU32::new(burst).unwrap())];
+        policy.max_concurrent = max_concurrent;
+        Upstream::new(SourceKind::Healthie, policy, Arc::new(Metrics::new()))
+            .with_live_reserve(share)
+    }
+
+    /// Whether a turn is granted. A denied one would take an hour, so a short wait tells them
+    /// apart; asserting a grant allows a generous one, for a loaded machine.
+    async fn granted(upstream: &Upstream, lane: Lane) -> bool {
+        within(upstream, lane, Duration::from_secs(5)).await
+    }
+
+    async fn denied(upstream: &Upstream, lane: Lane) -> bool {
+        !within(upstream, lane, Duration::from_millis(200)).await
+    }
+
+    async fn within(upstream: &Upstream, lane: Lane, wait: Duration) -> bool {
+        let turn = upstream.wait_turn();
+        match lane {
+            Lane::Live => tokio::time::timeout(wait, turn).await.is_ok(),
+            Lane::Bulk => tokio::time::timeout(wait, bulk(turn)).await.is_ok(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_saturating_bulk_caller_leaves_the_reserved_share_to_live_work() {
+        let upstream = Arc::new(hourly(10, None, 0.3));
+        // A bulk caller that never stops asking.
+        let saturating = {
+            let upstream = upstream.clone();
+            tokio::spawn(bulk(async move {
+                loop {
+                    upstream.wait_turn().await;
+                }
+            }))
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for i in 0..3 {
+            assert!(granted(&upstream, Lane::Live).await, "live request {i}");
+        }
+        assert!(
+            denied(&upstream, Lane::Live).await,
+            "the quota is spent now"
+        );
+        assert!(denied(&upstream, Lane::Bulk).await);
+        saturating.abort();
+    }
+
+    #[tokio::test]
+    async fn without_a_reserve_bulk_work_can_take_the_whole_quota() {
+        let upstream = hourly(10, None, 0.0);
+        for _ in 0..10 {
+            assert!(granted(&upstream, Lane::Bulk).await);
+        }
+        assert!(
+            denied(&upstream, Lane::Live).await,
+            "nothing left for live work"
+        );
+    }
+
+    #[tokio::test]
+    async fn live_work_may_use_the_whole_quota() {
+        let upstream = hourly(10, None, 0.3);
+        for i in 0..10 {
+            assert!(granted(&upstream, Lane::Live).await, "live request {i}");
+        }
+    }
+
+    #[tokio::test]
+    async fn bulk_work_leaves_concurrency_slots_free() {
+        assert_eq!(bulk_slots(3, 0.2), 2);
+        assert_eq!(bulk_slots(10, 0.25), 7);
+        assert_eq!(bulk_slots(1, 0.5), 1);
+        assert_eq!(bulk_slots(4, 0.0), 4);
+        assert_eq!(bulk_slots(2, 0.99), 1);
+        let upstream = Arc::new(hourly(1000, Some(3), 0.2));
+        let (held_tx, mut held_rx) = tokio::sync::mpsc::channel(8);
+        let release = Arc::new(tokio::sync::Notify::new());
+        for _ in 0..4 {
+            let (upstream, held_tx, release) = (upstream.clone(), held_tx.clone(), release.clone());
+            tokio::spawn(bulk(async move {
+                let _admission = upstream.admit().await;
+                held_tx.send(()).await.unwrap();
+                release.notified().await;
+            }));
+        }
+        for _ in 0..2 {
+            held_rx.recv().await.unwrap();
+        }
+        let third = tokio::time::timeout(Duration::from_millis(200), held_rx.recv()).await;
+        assert!(third.is_err(), "only two bulk requests in flight");
+        let live = tokio::time::timeout(Duration::from_secs(5), upstream.admit()).await;
+        assert!(live.is_ok(), "a live request gets the reserved slot");
+    }
+
+    #[tokio::test]
+    async fn bulk_work_cannot_spend_the_reserved_end_of_a_daily_budget() {
+        let clock = Arc::new(ManualClock::new(utc(2026, 3, 2, 9)));
+        let budget = Arc::new(DailyBudget::new(10, NaiveTime::MIN, clock.clone()));
+        let mut policy = UpstreamPolicy::per_second(1000, 1000, Duration::from_secs(1));
+        policy.max_concurrent = None;
+        let upstream = Upstream::new(SourceKind::Intakeq, policy, Arc::new(Metrics::new()))
+            .with_daily_budget(budget.clone())
+            .with_live_reserve(0.2);
+        for _ in 0..8 {
+            bulk(upstream.wait_turn()).await;
+        }
+        assert_eq!(clock.sleeps(), 0);
+        assert_eq!(budget.snapshot().used, 8);
+        // The last two are the live share: live work still gets them today...
+        upstream.wait_turn().await;
+        upstream.wait_turn().await;
+        assert_eq!(clock.sleeps(), 0, "live requests did not wait");
+        assert_eq!(budget.snapshot().remaining, 0);
+        // ...while a bulk request had to wait for the next window.
+        let clock2 = Arc::new(ManualClock::new(utc(2026, 3, 2, 9)));
+        let budget2 = Arc::new(DailyBudget::new(10, NaiveTime::MIN, clock2.clone()));
+        let upstream2 = Upstream::new(
+            SourceKind::Intakeq,
+            UpstreamPolicy::per_second(1000, 1000, Duration::from_secs(1)),
+            Arc::new(Metrics::new()),
+        )
+        .with_daily_budget(budget2.clone())
+        .with_live_reserve(0.2);
+        for _ in 0..9 {
+            bulk(upstream2.wait_turn()).await;
+        }
+        assert_eq!(
+            clock2.sleeps(),
+            1,
+            "the ninth bulk request waited for the reset"
+        );
+        assert_eq!(clock2.now(), utc(2026, 3, 3, 0));
     }
 
     fn utc(y: i32, m: u32, d: u32, h: u32) -> DateTime<Utc> {

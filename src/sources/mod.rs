@@ -140,4 +140,16 @@ pub trait Source: Send + Sync {
         value: &serde_json::Value,
         fetched_at: chrono::DateTime<chrono::Utc>,
     ) -> Result<SourceRecord, ConvertError>;
+
+    /// How many distinct records one fetch request can carry (Healthie's `users(ids:)`); the
+    /// worker gathers up to this many before fetching. 1: no batching.
+    fn fetch_batch_size(&self) -> usize {
+        1
+    }
+
+    /// How long a worker may wait for more refetches when it has fewer than
+    /// [`Self::fetch_batch_size`] in hand (zero: never).
+    fn batch_window(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }

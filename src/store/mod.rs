@@ -536,6 +536,17 @@ pub trait Store: Send + Sync + 'static {
     async fn count_reviews(&self) -> StoreResult<Vec<(ReviewState, i64)>>;
     /// Every `sync_state` row (poll cursors, resync checkpoints, budgets), by source and stream.
     async fn list_sync_states(&self) -> StoreResult<Vec<SyncState>>;
+    /// Leases to `owner` every other item of `source` about one of `resource_ids` that is
+    /// pending (due or not: one fetch now answers it too) or whose lease expired, counting an
+    /// attempt for each, so many events for one resource become one fetch and finish together.
+    async fn claim_inbox_resources(
+        &self,
+        owner: &str,
+        source: SourceKind,
+        resource_ids: &[String],
+        lease: Duration,
+        now_ms: i64,
+    ) -> StoreResult<Vec<InboxItem>>;
 }
 
 /// Writes that must commit together: a source record, its link and the canonical row it

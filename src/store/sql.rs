@@ -720,6 +720,46 @@ macro_rules! impl_store {
                 .await?;
                 rows.iter().map(sync_state_from_row).collect()
             }
+
+            async fn claim_inbox_resources(
+                &self,
+                owner: &str,
+                source: SourceKind,
+                resource_ids: &[String],
+                lease: Duration,
+                now_ms: i64,
+            ) -> StoreResult<Vec<InboxItem>> {
+                let mut items = Vec::new();
+                for chunk in resource_ids.chunks(200) {
+                    let list = (0..chunk.len())
+                        .map(|i| format!("${}", i + 5))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let sql = format!(
+                        "UPDATE inbox SET state = 'leased', lease_owner = $1, leased_until_ms = $2, attempts = attempts + 1 \
+                         WHERE id IN (SELECT id FROM inbox \
+                            WHERE source = $3 AND resource_id IN ({list}) \
+                            AND (state = 'pending' OR (state = 'leased' AND leased_until_ms < $4)) \
+                            ORDER BY id{}) \
+                         RETURNING {INBOX_COLUMNS}",
+                        $claim_lock
+                    );
+                    let mut query = sqlx::query(&sql)
+                        .bind(owner)
+                        .bind(now_ms + lease.as_millis() as i64)
+                        .bind(source.as_str())
+                        .bind(now_ms);
+                    for id in chunk {
+                        query = query.bind(id.as_str());
+                    }
+                    let rows = query.fetch_all(&self.pool).await?;
+                    for row in &rows {
+                        items.push(inbox_from_row(row)?);
+                    }
+                }
+                items.sort_by_key(|i| i.id);
+                Ok(items)
+            }
         }
 
         /// A write transaction on this backend.

@@ -71,6 +71,10 @@ pub async fn apply_record(
             }
         }
     };
+    // Work on one canonical patient is serialized: another record of the same patient applied
+    // concurrently (another worker or process) waits here until this transaction ends, so the
+    // row below is recomputed from committed records and versions never repeat.
+    tx.lock(patient_id.as_str()).await?;
     // Merged away upstream (Hint `merged_into`, Healthie `patient.merged`): the source says
     // both records are one person, so this record's patient folds into the survivor's.
     if record.status == RecordStatus::Merged {

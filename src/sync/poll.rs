@@ -11,6 +11,9 @@
 //! - `PollItem::Deleted` -> event `poll.deleted`, body `{"id": …}`, dedupe key
 //!   `poll:<id>:deleted` (IntakeQ lists a deletion for about 10 days).
 //!
+//! Every upstream request a poll makes runs in the bulk lane ([`bulk`]), so polls cannot take
+//! the share of a credential's budget kept for live webhook work.
+//!
 //! The cursor is saved in `sync_state` after every page, so a poll stopped by an error or a
 //! restart resumes where it was; `last_success_at` is set when a stream completes a pass.
 
@@ -20,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::metrics::Metrics;
 use crate::model::SourceKind;
-use crate::sources::http::FetchError;
+use crate::sources::http::{bulk, FetchError};
 use crate::sources::{PollItem, Source};
 use crate::store::{now_ms, InsertOutcome, NewInboxItem, Origin, Store, StoreError, SyncState};
 
@@ -205,8 +208,8 @@ async fn poll_stream(
         ..StreamSummary::default()
     };
     while summary.pages < MAX_PAGES_PER_STREAM {
-        let page = source
-            .poll(stream, state.cursor.as_deref())
+        // Polls are bulk work: they leave the live share of the budget to webhook refetches.
+        let page = bulk(source.poll(stream, state.cursor.as_deref()))
             .await
             .map_err(|e| {
                 metrics.inc(

@@ -1,8 +1,15 @@
 //! The worker: claims inbox items under a lease, coalesces items for the same resource into one
 //! fetch, applies the fetched records, and finishes each item `done`, `ignored` or `dead`, or
 //! puts it back for a later attempt with exponential backoff and jitter.
+//!
+//! Coalescing starts at the claim: for every record a claimed item asks to refetch, the worker
+//! also claims the other pending items about that resource, so a burst of webhooks for one
+//! patient becomes one fetch, applied once, and every item finishes in the same transaction.
+//! Batching: while a source that fetches many records per request (Healthie's `users(ids:)`)
+//! has fewer distinct records in hand than its batch size, the worker claims again, and when
+//! the queue is only trickling, waits once for the source's `batch_window` (never in `drain`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +20,7 @@ use tracing::{debug, info, instrument, warn};
 
 use crate::config::WorkerSettings;
 use crate::metrics::Metrics;
-use crate::model::{RecordStatus, SourceId, SourceKey, SourceKind, SourceRecord};
+use crate::model::{InboxId, RecordStatus, SourceId, SourceKey, SourceKind, SourceRecord};
 use crate::sources::http::FetchError;
 use crate::sources::{Plan, Source};
 use crate::store::{now_ms, InboxItem, RetryAt, Store, StoreError};
@@ -58,6 +65,20 @@ enum Finish {
     Dead(&'static str),
 }
 
+impl Finish {
+    /// The same outcome for another item that shared the fetch.
+    fn copy(&self) -> Finish {
+        match self {
+            Finish::Ignored(reason) => Finish::Ignored(reason.clone()),
+            Finish::Failed(e) => Finish::Failed(e.copy_kind()),
+            Finish::Dead(kind) => Finish::Dead(kind),
+        }
+    }
+}
+
+/// One claim holds at most this many times `worker.batch_size` items.
+const MAX_CLAIM_ROUNDS: usize = 8;
+
 impl Worker {
     pub fn new(
         store: Arc<dyn Store>,
@@ -82,13 +103,14 @@ impl Worker {
     }
 
     /// Claims and processes one batch. Returns what happened (zero claimed: nothing was due).
-    #[instrument(skip_all, fields(owner = %self.owner))]
     pub async fn run_once(&self) -> Result<DrainSummary, StoreError> {
-        let lease = Duration::from_secs(self.settings.lease_secs);
-        let items = self
-            .store
-            .claim_inbox(&self.owner, self.settings.batch_size, lease, now_ms())
-            .await?;
+        self.run_batch(false).await
+    }
+
+    /// One batch; with `wait_for_batches` a short claim may wait for the sources' batch windows.
+    #[instrument(skip_all, fields(owner = %self.owner))]
+    async fn run_batch(&self, wait_for_batches: bool) -> Result<DrainSummary, StoreError> {
+        let items = self.claim(wait_for_batches).await?;
         let mut summary = DrainSummary {
             claimed: items.len() as u64,
             ..Default::default()
@@ -105,6 +127,98 @@ impl Worker {
             summary.add(&part);
         }
         Ok(summary)
+    }
+
+    /// Claims a batch: `worker.batch_size` due items, plus every other pending item about a
+    /// resource they refetch; then more while a batching source is short of a full request
+    /// and the queue has more, waiting once for its batch window when the queue trickles.
+    async fn claim(&self, wait_for_batches: bool) -> Result<Vec<InboxItem>, StoreError> {
+        let lease = Duration::from_secs(self.settings.lease_secs);
+        let limit = self.settings.batch_size;
+        let cap = (limit as usize).saturating_mul(MAX_CLAIM_ROUNDS);
+        let mut items: Vec<InboxItem> = Vec::new();
+        let mut held: HashSet<InboxId> = HashSet::new();
+        let mut asked: HashSet<(SourceKind, SourceId)> = HashSet::new();
+        let mut waited = false;
+        loop {
+            let claimed = self
+                .store
+                .claim_inbox(&self.owner, limit, lease, now_ms())
+                .await?;
+            let full = claimed.len() >= limit as usize;
+            let mut fresh: Vec<InboxItem> =
+                claimed.into_iter().filter(|i| held.insert(i.id)).collect();
+            // Claim-time coalescing: the other pending items about the same resources.
+            let mut wanted: BTreeMap<SourceKind, Vec<String>> = BTreeMap::new();
+            for item in &fresh {
+                for id in self.fetch_ids(item) {
+                    if asked.insert((item.source, id.clone())) {
+                        wanted.entry(item.source).or_default().push(id.0);
+                    }
+                }
+            }
+            for (source, ids) in wanted {
+                let siblings = self
+                    .store
+                    .claim_inbox_resources(&self.owner, source, &ids, lease, now_ms())
+                    .await?;
+                fresh.extend(siblings.into_iter().filter(|i| held.insert(i.id)));
+            }
+            items.extend(fresh.iter().cloned());
+            let Some((window, short)) = self.short_window(&items) else {
+                break;
+            };
+            if items.len() >= cap {
+                break;
+            }
+            // Claim again at once only while the queue keeps yielding items of a short source.
+            if full && fresh.iter().any(|i| short.contains(&i.source)) {
+                continue;
+            }
+            if !wait_for_batches || waited || window.is_zero() {
+                break;
+            }
+            waited = true;
+            tokio::time::sleep(window).await;
+        }
+        items.sort_by_key(|i| i.id);
+        Ok(items)
+    }
+
+    /// The ids an item asks to refetch (none when it cannot be planned or needs no fetch).
+    fn fetch_ids(&self, item: &InboxItem) -> Vec<SourceId> {
+        let Some(source) = self.sources.get(&item.source) else {
+            return Vec::new();
+        };
+        match source.plan(item) {
+            Ok(Plan::Fetch(ids)) => ids,
+            Ok(Plan::Merge { from, into }) => vec![from, into],
+            _ => Vec::new(),
+        }
+    }
+
+    /// When a batching source has some but fewer distinct records to fetch than one request
+    /// carries: the longest batch window among such sources, and those sources. `None` when
+    /// every batch is full.
+    fn short_window(&self, items: &[InboxItem]) -> Option<(Duration, Vec<SourceKind>)> {
+        let mut distinct: BTreeMap<SourceKind, BTreeSet<SourceId>> = BTreeMap::new();
+        for item in items {
+            distinct
+                .entry(item.source)
+                .or_default()
+                .extend(self.fetch_ids(item));
+        }
+        let short: Vec<(SourceKind, Duration)> = distinct
+            .into_iter()
+            .filter_map(|(kind, ids)| {
+                let source = self.sources.get(&kind)?;
+                let size = source.fetch_batch_size();
+                (size > 1 && !ids.is_empty() && ids.len() < size)
+                    .then(|| (kind, source.batch_window()))
+            })
+            .collect();
+        let window = short.iter().map(|(_, w)| *w).max()?;
+        Some((window, short.into_iter().map(|(k, _)| k).collect()))
     }
 
     /// Processes batches until nothing is due. Tests, `sync` and the demo drive the queue with
@@ -129,7 +243,7 @@ impl Worker {
         while !shutdown.is_cancelled() {
             let result = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                r = self.run_once() => r,
+                r = self.run_batch(true) => r,
             };
             match result {
                 Ok(s) if s.claimed > 0 => failures = 0,
@@ -205,7 +319,16 @@ impl Worker {
             client.fetch_records(&ids).await.into_iter().collect()
         };
 
-        for (item, plan) in items.iter().zip(plans) {
+        // Items asking for the same records are applied once and finish together, in the
+        // position of the first of them.
+        let mut groups: HashMap<Vec<SourceId>, Vec<usize>> = HashMap::new();
+        for (i, plan) in plans.iter().enumerate() {
+            if let Ok(Plan::Fetch(ids)) = plan {
+                groups.entry(ids.clone()).or_default().push(i);
+            }
+        }
+        for (i, plan) in plans.into_iter().enumerate() {
+            let item = &items[i];
             let finish = match plan {
                 Err(e) => {
                     debug!(inbox_id = %item.id, what = e.what, "Inbox item cannot be planned.");
@@ -213,20 +336,32 @@ impl Worker {
                 }
                 Ok(Plan::Ignore(reason)) => Finish::Ignored(reason),
                 Ok(Plan::Apply(record)) => {
-                    self.apply_and_finish(item, &[*record], None).await?;
+                    self.apply_and_finish(&[item], &[*record], None).await?;
                     summary.done += 1;
                     self.observe(item);
                     continue;
                 }
-                Ok(Plan::Fetch(ids)) => match collect(&fetched, &ids, source) {
-                    Ok(records) => {
-                        self.apply_and_finish(item, &records, None).await?;
-                        summary.done += 1;
-                        self.observe(item);
-                        continue;
+                Ok(Plan::Fetch(ids)) => {
+                    let Some(members) = groups.remove(&ids) else {
+                        continue; // finished with the first item of its group
+                    };
+                    let members: Vec<&InboxItem> = members.iter().map(|&m| &items[m]).collect();
+                    match collect(&fetched, &ids, source) {
+                        Ok(records) => {
+                            self.apply_and_finish(&members, &records, None).await?;
+                            for member in &members {
+                                summary.done += 1;
+                                self.observe(member);
+                            }
+                        }
+                        Err(e) => {
+                            for member in &members {
+                                self.finish(member, e.copy(), &mut summary).await?;
+                            }
+                        }
                     }
-                    Err(e) => e,
-                },
+                    continue;
+                }
                 Ok(Plan::Merge { from, into }) => {
                     match collect(&fetched, &[from.clone(), into.clone()], source) {
                         Ok(mut records) => {
@@ -236,7 +371,8 @@ impl Worker {
                             }
                             let merge =
                                 (SourceKey::new(source, from), SourceKey::new(source, into));
-                            self.apply_and_finish(item, &records, Some(merge)).await?;
+                            self.apply_and_finish(&[item], &records, Some(merge))
+                                .await?;
                             summary.done += 1;
                             self.observe(item);
                             continue;
@@ -266,10 +402,11 @@ impl Worker {
         );
     }
 
-    /// Applies records and finishes the item in one transaction. A lost lease rolls it back.
+    /// Applies records and finishes the items in one transaction. A lost lease on any of them
+    /// rolls it all back (the items still held are claimed again when their lease expires).
     async fn apply_and_finish(
         &self,
-        item: &InboxItem,
+        items: &[&InboxItem],
         records: &[SourceRecord],
         merge: Option<(SourceKey, SourceKey)>,
     ) -> Result<(), StoreError> {
@@ -298,13 +435,12 @@ impl Worker {
                 .await?;
             }
         }
-        let finished = tx
-            .finish_inbox(&[item.id], &self.owner, None, now_ms())
-            .await?;
-        if finished == 1 {
+        let ids: Vec<InboxId> = items.iter().map(|i| i.id).collect();
+        let finished = tx.finish_inbox(&ids, &self.owner, None, now_ms()).await?;
+        if finished == ids.len() as u64 {
             tx.commit().await?;
         } else {
-            warn!(inbox_id = %item.id, "Lease was lost before the item finished; its work is left to the new owner.");
+            warn!(inbox_id = %ids[0], items = ids.len(), "Lease was lost before the items finished; their work is left to the new owner.");
         }
         Ok(())
     }

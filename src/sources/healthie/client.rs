@@ -408,7 +408,14 @@ fn check_response(response: &RawResponse) -> Result<(), FetchError> {
         })?;
     match answer.errors {
         Some(errors) if !errors.is_empty() => {
-            Err(classify_errors(&errors, response.status.as_u16()))
+            match classify_errors(&errors, response.status.as_u16()) {
+                // Honour a `Retry-After` when Healthie sends one with its rate-limit error.
+                FetchError::RateLimited { status, .. } => Err(FetchError::RateLimited {
+                    retry_after: crate::sources::http::parse_retry_after(&response.headers),
+                    status,
+                }),
+                other => Err(other),
+            }
         }
         _ => Ok(()),
     }
@@ -571,6 +578,8 @@ mod tests {
             burst: 1000,
             timeout_ms: 5000,
             batch_size: 50,
+            live_reserved_share: 0.2,
+            batch_window_ms: 0,
             api_key: Secret::new("hk_test_123"),
             webhook_secret: Vec::new(),
         }
@@ -970,6 +979,25 @@ mod tests {
             status: StatusCode::from_u16(status).unwrap(),
             headers: HeaderMap::new(),
             body: Bytes::from(body.to_string()),
+        }
+    }
+
+    #[test]
+    fn a_rate_limit_error_honours_retry_after_when_sent() {
+        let limited = graphql_error("Too many requests.", Some("TOO_MANY_REQUESTS"));
+        let mut response = raw(200, limited);
+        match check_response(&response) {
+            Err(FetchError::RateLimited { retry_after, .. }) => assert_eq!(retry_after, None),
+            other => panic!("{other:?}"),
+        }
+        response
+            .headers
+            .insert("retry-after", HeaderValue::from_static("3"));
+        match check_response(&response) {
+            Err(FetchError::RateLimited { retry_after, .. }) => {
+                assert_eq!(retry_after, Some(std::time::Duration::from_secs(3)))
+            }
+            other => panic!("{other:?}"),
         }
     }
 

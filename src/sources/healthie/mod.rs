@@ -31,6 +31,7 @@ pub use client::{ActiveStatus, HealthieClient, UserOrder, UserPage, UserSummary}
 #[derive(Debug, Clone)]
 pub struct Healthie {
     client: HealthieClient,
+    batch_window: Duration,
 }
 
 impl Healthie {
@@ -44,6 +45,7 @@ impl Healthie {
     pub fn with_upstream(settings: &HealthieSettings, upstream: Arc<Upstream>) -> Self {
         Self {
             client: HealthieClient::new(upstream, settings),
+            batch_window: Duration::from_millis(settings.batch_window_ms),
         }
     }
 
@@ -53,14 +55,18 @@ impl Healthie {
     }
 }
 
-/// The [`Upstream`] for the configured key: `requests_per_second` with `burst`, `timeout_ms`.
+/// The [`Upstream`] for the configured key: `requests_per_second` with `burst`, `timeout_ms`,
+/// `live_reserved_share` kept for live work.
 pub fn upstream_for(settings: &HealthieSettings, metrics: Arc<Metrics>) -> Arc<Upstream> {
     let policy = UpstreamPolicy::per_second(
         settings.requests_per_second,
         settings.burst,
         Duration::from_millis(settings.timeout_ms),
     );
-    Arc::new(Upstream::new(SourceKind::Healthie, policy, metrics))
+    Arc::new(
+        Upstream::new(SourceKind::Healthie, policy, metrics)
+            .with_live_reserve(settings.live_reserved_share),
+    )
 }
 
 #[async_trait]
@@ -108,6 +114,14 @@ impl Source for Healthie {
         fetched_at: DateTime<Utc>,
     ) -> Result<SourceRecord, ConvertError> {
         convert::parse_user(value, fetched_at)
+    }
+
+    fn fetch_batch_size(&self) -> usize {
+        self.client.batch_size()
+    }
+
+    fn batch_window(&self) -> Duration {
+        self.batch_window
     }
 }
 

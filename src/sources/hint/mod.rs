@@ -119,8 +119,11 @@ impl Hint {
         metrics: Arc<Metrics>,
         options: HintOptions,
     ) -> Self {
-        let policy = options.policy.unwrap_or_else(|| Self::policy(settings));
-        let upstream = Upstream::new(SourceKind::Hint, policy, metrics.clone());
+        let mut policy = options.policy.unwrap_or_else(|| Self::policy(settings));
+        // The detail-fetch cap is the upstream's too, so bulk work leaves slots for live work.
+        policy.max_concurrent = Some(settings.max_concurrent_requests.max(1));
+        let upstream = Upstream::new(SourceKind::Hint, policy, metrics.clone())
+            .with_live_reserve(settings.live_reserved_share);
         Self {
             client: HintClient::new(
                 &settings.base_url,

@@ -26,6 +26,7 @@ fn settings(base_url: &str) -> HintSettings {
         requests_per_second: 20,
         max_concurrent_requests: 3,
         timeout_ms: 5_000,
+        live_reserved_share: 0.0,
         api_key: Secret::new("hint-practice-key"),
         webhook_secret: Secret::default(),
     }

@@ -118,7 +118,8 @@ impl Intakeq {
             options.clock.clone(),
         ));
         let upstream = Upstream::new(SourceKind::Intakeq, policy, metrics.clone())
-            .with_daily_budget(budget.clone());
+            .with_daily_budget(budget.clone())
+            .with_live_reserve(settings.live_reserved_share);
         Self {
             client: IntakeqClient::new(&settings.base_url, settings.api_key.clone(), upstream),
             budget,

@@ -24,6 +24,7 @@ fn settings(base_url: &str, per_day: u32) -> IntakeqSettings {
         requests_per_minute: 10,
         requests_per_day: per_day,
         timeout_ms: 5_000,
+        live_reserved_share: 0.0,
         api_key: Secret::new("iq-key"),
         webhook_token: Secret::default(),
     }
