@@ -1,6 +1,7 @@
 //! The command line: subcommands, their arguments, and what each one runs. Exit codes:
 //! 0 success; 1 failure; 2 bad configuration or arguments; 3 `sync` finished but a poll failed
-//! or items were dead-lettered or left for retry.
+//! or items were dead-lettered or left for retry; `resync` stopped early and resumes next time;
+//! 4 `resync`: a resync of the source is already running.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -109,6 +110,20 @@ pub enum Command {
         /// Report what would change without writing anything.
         #[arg(long)]
         dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List every patient of a source (or all enabled ones) and apply them; resumable.
+    Resync {
+        /// healthie, intakeq, hint or all (every enabled source).
+        #[arg(long)]
+        source: crate::sync::resync::ResyncTarget,
+        /// Fetch and report what would change without writing anything.
+        #[arg(long)]
+        dry_run: bool,
+        /// Abandon an unfinished pass and start over from the first page.
+        #[arg(long)]
+        restart: bool,
         #[arg(long)]
         json: bool,
     },
@@ -267,6 +282,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Import { source, file, json } => import(settings, source, file, json).await,
         Command::Rebuild { dry_run, json } => rebuild(settings, dry_run, json).await,
+        Command::Resync {
+            source,
+            dry_run,
+            restart,
+            json,
+        } => {
+            let store = app::open_store(&settings).await?;
+            let stop = app::shutdown_on_signals();
+            let code = crate::sync::resync::run_command(
+                &settings, store, source, dry_run, restart, json, stop,
+            )
+            .await?;
+            Ok(ExitCode::from(code))
+        }
     }
 }
 
