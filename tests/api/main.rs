@@ -9,5 +9,6 @@ mod helpers;
 mod identity_flow;
 mod pg;
 mod phi;
+mod resync;
 mod sources_flow;
 mod store;
