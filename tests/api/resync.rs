@@ -554,3 +554,51 @@ async fn a_resync_killed_at_random_pages_ends_like_an_uninterrupted_one() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("already running"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_intakeq_budget_stops_the_resync_and_the_next_run_resumes() {
+    let db = database(Db::Sqlite).await;
+    let sandbox = start_sandbox(300, 10, Default::default()).await;
+    let clients = sandbox.intakeq().clients().len() as u64;
+    assert!(clients > 100, "two pages at least ({clients})");
+    let intakeq_url = sandbox.intakeq_url();
+    let intakeq = |per_day: &'static str| {
+        settings(
+            &db.url,
+            &sandbox,
+            &[
+                ("PATIENT_SYNC_SOURCES__INTAKEQ__ENABLED", "true"),
+                (
+                    "PATIENT_SYNC_SOURCES__INTAKEQ__BASE_URL",
+                    intakeq_url.as_str(),
+                ),
+                (
+                    "PATIENT_SYNC_SOURCES__INTAKEQ__API_KEY",
+                    patient_sync::sandbox::INTAKEQ_API_KEY,
+                ),
+                ("PATIENT_SYNC_SOURCES__INTAKEQ__REQUESTS_PER_MINUTE", "6000"),
+                ("PATIENT_SYNC_SOURCES__INTAKEQ__REQUESTS_PER_DAY", per_day),
+                ("PATIENT_SYNC_RESYNC__DAILY_BUDGET_RESERVE", "50"),
+            ],
+        )
+    };
+    let store = db.store.as_ref();
+    // 51 a day with 50 kept in reserve: one page, then the resync stops.
+    let first = resync(store, &intakeq("51"), SourceKind::Intakeq).await;
+    assert_eq!(first.outcome, ResyncOutcome::BudgetExhausted, "{first:?}");
+    assert_eq!((first.pages, first.created), (1, 100));
+    let state = store
+        .load_sync_state(SourceKind::Intakeq, "resync:clients")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(state.checkpoint.as_deref(), Some("2"));
+
+    // With budget again (the next day), it resumes at page 2.
+    let second = resync(store, &intakeq("500"), SourceKind::Intakeq).await;
+    assert_eq!(second.outcome, ResyncOutcome::Completed, "{second:?}");
+    assert!(second.resumed);
+    assert_eq!(second.created, clients - 100);
+    assert_eq!(second.missing, 0);
+    assert_eq!(sandbox.intakeq().counters().rate_limited, 0);
+}
