@@ -5,8 +5,8 @@
 //! - Listing: Healthie `users` cursor pages of full records (`ListUserRecords`,
 //!   `CREATED_AT_ASC`), once `active` and once `archived`; IntakeQ `GET /clients` pages of 100
 //!   with profiles; Hint `GET /api/provider/patients?filter=all&sort=created_at`, limit/offset.
-//!   Every upstream call runs in the bulk lane ([`bulk`]). The next page is fetched while the
-//!   current one is applied.
+//!   Every upstream call runs in the bulk lane ([`bulk`]), paced evenly at the configured rate
+//!   (no bursts). The next page is fetched while the current one is applied.
 //! - Resumable: after every page `sync_state` row `(source, "resync:<stream>")` holds the next
 //!   page cursor in `checkpoint` (and `{"pass", "done"}` in `cursor`); row `(source, "resync")`
 //!   gets `last_success_at` when a whole pass completes. `resync_runs` holds the pass counter
@@ -385,7 +385,7 @@ pub struct ResyncSummary {
     /// Upstream requests made (retries included) and those answered rate-limited.
     pub requests: u64,
     pub rate_limited: u64,
-    /// Time spent waiting for the client-side rate limiter.
+    /// Time spent waiting for the client-side rate limits (the upstream's and the pacing).
     pub rate_limit_wait_secs: f64,
     pub elapsed_secs: f64,
 }
@@ -518,7 +518,8 @@ pub async fn run_resync(
     let (made, limited) = requests(metrics, kind);
     summary.requests = made - requests_before.0;
     summary.rate_limited = limited - requests_before.1;
-    summary.rate_limit_wait_secs =
+    // The upstream limiter's waits plus the resync's own pacing.
+    summary.rate_limit_wait_secs +=
         metrics.histogram_sum("patient_sync_rate_limit_wait_seconds", &wait_label) - waited_before;
     summary.elapsed_secs = started.elapsed().as_secs_f64();
     progress.finish(&summary);
@@ -774,11 +775,33 @@ async fn walk(
     lister: &Lister,
     options: &ResyncOptions,
     stream: &'static str,
+    cursor: Option<String>,
+    sink: &mut Sink<'_>,
+    stop: &CancellationToken,
+    progress: &Progress,
+    summary: &mut ResyncSummary,
+) -> Result<Stopped, ResyncError> {
+    let pace = Pacer::new(options.allowed_rate);
+    let result = walk_paced(
+        store, lister, options, stream, cursor, sink, stop, progress, summary, &pace,
+    )
+    .await;
+    summary.rate_limit_wait_secs += pace.waited().as_secs_f64();
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn walk_paced(
+    store: &dyn Store,
+    lister: &Lister,
+    options: &ResyncOptions,
+    stream: &'static str,
     mut cursor: Option<String>,
     sink: &mut Sink<'_>,
     stop: &CancellationToken,
     progress: &Progress,
     summary: &mut ResyncSummary,
+    pace: &Pacer,
 ) -> Result<Stopped, ResyncError> {
     let kind = lister.kind();
     let fetch_err = |source| ResyncError::Fetch {
@@ -794,7 +817,7 @@ async fn walk(
     if budget_low() {
         return Ok(Stopped::Early(ResyncOutcome::BudgetExhausted));
     }
-    let mut next = fetch_or_stop(lister, stream, cursor.as_deref(), stop).await;
+    let mut next = fetch_or_stop(lister, stream, cursor.as_deref(), stop, pace).await;
     loop {
         let page = match next {
             None => return Ok(Stopped::Early(ResyncOutcome::Interrupted)),
@@ -811,7 +834,7 @@ async fn walk(
         let prefetch = !page.complete && !stop.is_cancelled() && !budget_low();
         let following = async {
             if prefetch {
-                Some(fetch_or_stop(lister, stream, page.next.as_deref(), stop).await)
+                Some(fetch_or_stop(lister, stream, page.next.as_deref(), stop, pace).await)
             } else {
                 None
             }
@@ -848,21 +871,56 @@ async fn walk(
             Some(None) => return Ok(Stopped::Early(ResyncOutcome::Interrupted)),
             None if stop.is_cancelled() => return Ok(Stopped::Early(ResyncOutcome::Interrupted)),
             None if budget_low() => return Ok(Stopped::Early(ResyncOutcome::BudgetExhausted)),
-            None => next = fetch_or_stop(lister, stream, cursor.as_deref(), stop).await,
+            None => next = fetch_or_stop(lister, stream, cursor.as_deref(), stop, pace).await,
         }
     }
 }
 
-/// One page fetch, abandoned (None) when `stop` fires first.
+/// Spaces a resync's page requests evenly at the allowed rate, without bursts, so a resync
+/// never spends the upstream's burst allowance (live work keeps it) and never outruns a server
+/// counting the same rate.
+struct Pacer {
+    limiter: governor::DefaultDirectRateLimiter,
+    waited: std::sync::Mutex<Duration>,
+}
+
+impl Pacer {
+    fn new(rate: f64) -> Self {
+        let period = Duration::from_secs_f64(1.0 / rate.max(1e-6)).max(Duration::from_micros(1));
+        let quota = governor::Quota::with_period(period)
+            .expect("period is positive")
+            .allow_burst(std::num::NonZeroU32::MIN);
+        Self {
+            limiter: governor::RateLimiter::direct(quota),
+            waited: std::sync::Mutex::new(Duration::ZERO),
+        }
+    }
+
+    async fn until_ready(&self) {
+        let started = Instant::now();
+        self.limiter.until_ready().await;
+        *self.waited.lock().expect("pacer lock") += started.elapsed();
+    }
+
+    fn waited(&self) -> Duration {
+        *self.waited.lock().expect("pacer lock")
+    }
+}
+
+/// One page fetch at the pacer's pace, abandoned (None) when `stop` fires first.
 async fn fetch_or_stop(
     lister: &Lister,
     stream: &str,
     cursor: Option<&str>,
     stop: &CancellationToken,
+    pace: &Pacer,
 ) -> Option<Result<ListedPage, FetchError>> {
     tokio::select! {
         _ = stop.cancelled() => None,
-        page = lister.page(stream, cursor) => Some(page),
+        page = async {
+            pace.until_ready().await;
+            lister.page(stream, cursor).await
+        } => Some(page),
     }
 }
 
@@ -1012,8 +1070,11 @@ async fn finish_pass(
                 fetched_at: now.max(stored.fetched_at),
                 raw: stored.raw,
             };
-            apply_record(tx.as_mut(), &tombstone, identity, now).await?;
-            summary.deleted += 1;
+            // Stale: someone stored a newer snapshot meanwhile, so it exists after all.
+            let applied = apply_record(tx.as_mut(), &tombstone, identity, now).await?;
+            if applied.outcome != SaveOutcome::Stale {
+                summary.deleted += 1;
+            }
         }
         tx.commit().await?;
     }
