@@ -1,6 +1,7 @@
 //! The command line: subcommands, their arguments, and what each one runs. Exit codes:
 //! 0 success; 1 failure; 2 bad configuration or arguments; 3 `sync` finished but a poll failed
-//! or items were dead-lettered or left for retry.
+//! or items were dead-lettered or left for retry; `resync` stopped early and resumes next time;
+//! 4 `resync`: a resync of the source is already running.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -129,6 +130,20 @@ pub enum Command {
         /// The table as it was at this time (RFC 3339 or YYYY-MM-DD), from patient_history.
         #[arg(long, value_parser = parse_since)]
         as_of: Option<DateTime<Utc>>,
+    },
+    /// List every patient of a source (or all enabled ones) and apply them; resumable.
+    Resync {
+        /// healthie, intakeq, hint or all (every enabled source).
+        #[arg(long)]
+        source: crate::sync::resync::ResyncTarget,
+        /// Fetch and report what would change without writing anything.
+        #[arg(long)]
+        dry_run: bool,
+        /// Abandon an unfinished pass and start over from the first page.
+        #[arg(long)]
+        restart: bool,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -311,6 +326,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             include_merged,
             as_of,
         } => export(settings, format, out, include_merged, as_of).await,
+        Command::Resync {
+            source,
+            dry_run,
+            restart,
+            json,
+        } => {
+            let store = app::open_store(&settings).await?;
+            let stop = app::shutdown_on_signals();
+            let code = crate::sync::resync::run_command(
+                &settings, store, source, dry_run, restart, json, stop,
+            )
+            .await?;
+            Ok(ExitCode::from(code))
+        }
     }
 }
 

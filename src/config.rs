@@ -63,6 +63,7 @@ pub struct Settings {
     pub sources: SourcesSettings,
     pub identity: IdentityConfig,
     pub log: LogSettings,
+    pub resync: ResyncSettings,
 }
 
 /// `[identity]`: matching thresholds, trusted ids, shared contacts and survivorship priorities.
@@ -183,6 +184,45 @@ impl IdentityConfig {
                 ));
             }
             order(&key, names)?;
+        }
+        Ok(())
+    }
+}
+
+/// `[resync]`: full resyncs (`patient-sync resync`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResyncSettings {
+    /// Further completed passes a record stays marked missing before it is deleted.
+    pub missing_grace_passes: u32,
+    /// Lease of a running resync per source; a crashed run's lease frees after this.
+    pub lease_secs: u64,
+    /// IntakeQ: a resync stops (resumable) when fewer daily requests than this are left.
+    pub daily_budget_reserve: u32,
+    /// Seconds between progress log lines when not on a terminal.
+    pub progress_log_secs: u64,
+}
+
+impl ResyncSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, why: &str| ConfigError::Invalid {
+            key: key.to_string(),
+            why: why.to_string(),
+        };
+        if self.missing_grace_passes == 0 {
+            return Err(invalid(
+                "resync.missing_grace_passes",
+                "must be at least 1: one incomplete view of a source never deletes anyone",
+            ));
+        }
+        if self.lease_secs == 0 {
+            return Err(invalid("resync.lease_secs", "must be greater than 0"));
+        }
+        if self.progress_log_secs == 0 {
+            return Err(invalid(
+                "resync.progress_log_secs",
+                "must be greater than 0",
+            ));
         }
         Ok(())
     }
@@ -553,6 +593,7 @@ impl Settings {
             }
         }
         self.identity.validate()?;
+        self.resync.validate()?;
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid("log.level", "not a valid filter (RUST_LOG syntax)"));
         }

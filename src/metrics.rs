@@ -151,6 +151,27 @@ impl Metrics {
             .sum()
     }
 
+    /// Sum of a counter over every label set that has `label = value` (e.g. every status of
+    /// one source).
+    pub fn counter_where(&self, name: &'static str, label: &str, value: &str) -> u64 {
+        self.counters
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|((n, l), _)| *n == name && l.iter().any(|(k, v)| *k == label && v == value))
+            .map(|(_, v)| *v)
+            .sum()
+    }
+
+    /// Sum of a histogram's observations (seconds) for one exact label set.
+    pub fn histogram_sum(&self, name: &'static str, pairs: &[(&'static str, &str)]) -> f64 {
+        self.histograms
+            .lock()
+            .unwrap()
+            .get(&(name, labels(pairs)))
+            .map_or(0.0, |h| h.sum)
+    }
+
     /// Renders everything in the Prometheus text exposition format.
     pub fn render(&self) -> String {
         let help = self.help.lock().unwrap().clone();

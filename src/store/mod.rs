@@ -547,6 +547,59 @@ pub trait Store: Send + Sync + 'static {
         lease: Duration,
         now_ms: i64,
     ) -> StoreResult<Vec<InboxItem>>;
+
+    /// Takes the resync lease of `source` for `owner` until `until_ms` when it is free, expired
+    /// (before `now_ms`) or already `owner`'s; `None` when another owner holds it.
+    async fn claim_resync(
+        &self,
+        source: SourceKind,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Option<ResyncRun>>;
+    /// Extends `owner`'s lease; false when `owner` no longer holds it.
+    async fn renew_resync(
+        &self,
+        source: SourceKind,
+        owner: &str,
+        until_ms: i64,
+    ) -> StoreResult<bool>;
+    /// Gives the lease back (a no-op when `owner` does not hold it).
+    async fn release_resync(&self, source: SourceKind, owner: &str) -> StoreResult<()>;
+    /// Starts the next pass (in progress, started at `now_ms`) and returns its number; `None`
+    /// when `owner` does not hold the lease.
+    async fn start_resync_pass(
+        &self,
+        source: SourceKind,
+        owner: &str,
+        now_ms: i64,
+    ) -> StoreResult<Option<i64>>;
+    /// Marks pass `pass` completed; false when `owner` does not hold the lease.
+    async fn complete_resync_pass(
+        &self,
+        source: SourceKind,
+        owner: &str,
+        pass: i64,
+    ) -> StoreResult<bool>;
+    async fn load_resync_run(&self, source: SourceKind) -> StoreResult<Option<ResyncRun>>;
+    /// One page, in id order after `after`, of `source`'s records that are not deleted and that
+    /// no pass numbered `pass` or later has listed (`i64::MAX`: every record not deleted).
+    async fn load_unseen_records(
+        &self,
+        source: SourceKind,
+        pass: i64,
+        after: Option<&str>,
+        limit: u32,
+    ) -> StoreResult<Vec<UnseenRecord>>;
+    /// Sets a record's missing mark: completed passes in a row without it, the pass that last
+    /// counted, and since when (all cleared with 0, `None`, `None`).
+    async fn mark_resync_missing(
+        &self,
+        key: &SourceKey,
+        missing_passes: i64,
+        checked_pass: Option<i64>,
+        since: Option<DateTime<Utc>>,
+    ) -> StoreResult<()>;
 }
 
 /// Writes that must commit together: a source record, its link and the canonical row it
@@ -617,6 +670,40 @@ pub trait StoreTx: Send {
         now: DateTime<Utc>,
     ) -> StoreResult<()>;
     async fn commit(self: Box<Self>) -> StoreResult<()>;
+    /// Records that resync pass `pass` listed these records of `source`, clearing any missing
+    /// mark. Ids with no stored record are skipped.
+    async fn mark_resync_seen(
+        &mut self,
+        source: SourceKind,
+        ids: &[crate::model::SourceId],
+        pass: i64,
+    ) -> StoreResult<()>;
+}
+
+/// A source's resync lease and pass counter (`resync_runs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ResyncRun {
+    pub source: SourceKind,
+    pub owner: Option<String>,
+    pub leased_until_ms: Option<i64>,
+    /// The current (or last) pass.
+    pub pass: i64,
+    /// `pass` started and has not completed.
+    pub in_progress: bool,
+    pub pass_started_at_ms: Option<i64>,
+    /// The last pass that completed (0: none yet).
+    pub completed_pass: i64,
+}
+
+/// A stored record a resync pass has not listed, with its missing mark.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UnseenRecord {
+    pub key: SourceKey,
+    pub fetched_at: DateTime<Utc>,
+    pub source_updated_at: Option<DateTime<Utc>>,
+    pub missing_passes: i64,
+    pub missing_checked_pass: Option<i64>,
+    pub missing_since: Option<DateTime<Utc>>,
 }
 
 /// Opens the store a `database.url` names (`sqlite:` or `postgres:`/`postgresql:`).

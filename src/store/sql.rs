@@ -27,6 +27,7 @@ macro_rules! impl_store {
             LinkEvent, LinkMethod, NewInboxItem, PatientRow, PatientVersion, RetryAt, Review,
             ReviewState, SaveOutcome, Store, StoreError, StoreResult, StoreTx, SyncState,
         };
+        use crate::store::{ResyncRun, UnseenRecord};
 
         type DbRow = <$Db as sqlx::Database>::Row;
 
@@ -760,6 +761,155 @@ macro_rules! impl_store {
                 items.sort_by_key(|i| i.id);
                 Ok(items)
             }
+
+            async fn claim_resync(
+                &self,
+                source: SourceKind,
+                owner: &str,
+                now_ms: i64,
+                until_ms: i64,
+            ) -> StoreResult<Option<ResyncRun>> {
+                sqlx::query("INSERT INTO resync_runs (source) VALUES ($1) ON CONFLICT (source) DO NOTHING")
+                    .bind(source.as_str())
+                    .execute(&self.pool)
+                    .await?;
+                let row = sqlx::query(
+                    "UPDATE resync_runs SET owner = $2, leased_until_ms = $3 \
+                     WHERE source = $1 AND (owner IS NULL OR owner = $2 OR leased_until_ms IS NULL OR leased_until_ms < $4) \
+                     RETURNING source, owner, leased_until_ms, pass, in_progress, pass_started_at_ms, completed_pass",
+                )
+                .bind(source.as_str())
+                .bind(owner)
+                .bind(until_ms)
+                .bind(now_ms)
+                .fetch_optional(&self.pool)
+                .await?;
+                row.as_ref().map(resync_run_from_row).transpose()
+            }
+
+            async fn renew_resync(&self, source: SourceKind, owner: &str, until_ms: i64) -> StoreResult<bool> {
+                let done = sqlx::query("UPDATE resync_runs SET leased_until_ms = $3 WHERE source = $1 AND owner = $2")
+                    .bind(source.as_str())
+                    .bind(owner)
+                    .bind(until_ms)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn release_resync(&self, source: SourceKind, owner: &str) -> StoreResult<()> {
+                sqlx::query("UPDATE resync_runs SET owner = NULL, leased_until_ms = NULL WHERE source = $1 AND owner = $2")
+                    .bind(source.as_str())
+                    .bind(owner)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn start_resync_pass(&self, source: SourceKind, owner: &str, now_ms: i64) -> StoreResult<Option<i64>> {
+                let row = sqlx::query(
+                    "UPDATE resync_runs SET pass = pass + 1, in_progress = 1, pass_started_at_ms = $3 \
+                     WHERE source = $1 AND owner = $2 RETURNING pass",
+                )
+                .bind(source.as_str())
+                .bind(owner)
+                .bind(now_ms)
+                .fetch_optional(&self.pool)
+                .await?;
+                row.map(|r| r.try_get::<i64, _>("pass")).transpose().map_err(Into::into)
+            }
+
+            async fn complete_resync_pass(&self, source: SourceKind, owner: &str, pass: i64) -> StoreResult<bool> {
+                let done = sqlx::query(
+                    "UPDATE resync_runs SET in_progress = 0, completed_pass = $3 \
+                     WHERE source = $1 AND owner = $2 AND pass = $3",
+                )
+                .bind(source.as_str())
+                .bind(owner)
+                .bind(pass)
+                .execute(&self.pool)
+                .await?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn load_resync_run(&self, source: SourceKind) -> StoreResult<Option<ResyncRun>> {
+                let row = sqlx::query(
+                    "SELECT source, owner, leased_until_ms, pass, in_progress, pass_started_at_ms, completed_pass \
+                     FROM resync_runs WHERE source = $1",
+                )
+                .bind(source.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+                row.as_ref().map(resync_run_from_row).transpose()
+            }
+
+            async fn load_unseen_records(
+                &self,
+                source: SourceKind,
+                pass: i64,
+                after: Option<&str>,
+                limit: u32,
+            ) -> StoreResult<Vec<UnseenRecord>> {
+                let rows = sqlx::query(
+                    "SELECT source, source_id, fetched_at, source_updated_at, missing_passes, missing_checked_pass, missing_since \
+                     FROM source_records WHERE source = $1 AND source_id > $2 AND status <> 'deleted' \
+                     AND (resync_pass IS NULL OR resync_pass < $3) ORDER BY source_id LIMIT $4",
+                )
+                .bind(source.as_str())
+                .bind(after.unwrap_or(""))
+                .bind(pass)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok(UnseenRecord {
+                            key: SourceKey::new(
+                                parse_source(row.try_get::<&str, _>("source")?)?,
+                                row.try_get::<String, _>("source_id")?,
+                            ),
+                            fetched_at: row.try_get("fetched_at")?,
+                            source_updated_at: row.try_get("source_updated_at")?,
+                            missing_passes: row.try_get("missing_passes")?,
+                            missing_checked_pass: row.try_get("missing_checked_pass")?,
+                            missing_since: row.try_get("missing_since")?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn mark_resync_missing(
+                &self,
+                key: &SourceKey,
+                missing_passes: i64,
+                checked_pass: Option<i64>,
+                since: Option<DateTime<Utc>>,
+            ) -> StoreResult<()> {
+                sqlx::query(
+                    "UPDATE source_records SET missing_passes = $3, missing_checked_pass = $4, missing_since = $5 \
+                     WHERE source = $1 AND source_id = $2",
+                )
+                .bind(key.source.as_str())
+                .bind(key.id.as_str())
+                .bind(missing_passes)
+                .bind(checked_pass)
+                .bind(since)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+        }
+
+        fn resync_run_from_row(row: &DbRow) -> StoreResult<ResyncRun> {
+            Ok(ResyncRun {
+                source: parse_source(row.try_get::<&str, _>("source")?)?,
+                owner: row.try_get("owner")?,
+                leased_until_ms: row.try_get("leased_until_ms")?,
+                pass: row.try_get("pass")?,
+                in_progress: row.try_get::<i64, _>("in_progress")? != 0,
+                pass_started_at_ms: row.try_get("pass_started_at_ms")?,
+                completed_pass: row.try_get("completed_pass")?,
+            })
         }
 
         /// A write transaction on this backend.
@@ -1111,6 +1261,21 @@ macro_rules! impl_store {
 
             async fn commit(self: Box<Self>) -> StoreResult<()> {
                 self.tx.commit().await?;
+                Ok(())
+            }
+
+            async fn mark_resync_seen(&mut self, source: SourceKind, ids: &[SourceId], pass: i64) -> StoreResult<()> {
+                for id in ids {
+                    sqlx::query(
+                        "UPDATE source_records SET resync_pass = $3, missing_passes = 0, missing_checked_pass = NULL, \
+                         missing_since = NULL WHERE source = $1 AND source_id = $2",
+                    )
+                    .bind(source.as_str())
+                    .bind(id.as_str())
+                    .bind(pass)
+                    .execute(&mut *self.tx)
+                    .await?;
+                }
                 Ok(())
             }
         }

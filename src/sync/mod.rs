@@ -6,4 +6,5 @@ pub mod admin;
 pub mod apply;
 pub mod import;
 pub mod rebuild;
+pub mod resync;
 pub mod worker;

@@ -16,5 +16,6 @@ mod ops;
 mod pg;
 mod phi;
 mod queue;
+mod resync;
 mod sources_flow;
 mod store;

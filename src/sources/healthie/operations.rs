@@ -12,6 +12,9 @@ pub const MAX_BATCH_SIZE: usize = 50;
 /// Most users per `ListUsers` page: `5 + 4 x 100 = 405`.
 pub const MAX_PAGE_SIZE: u32 = 100;
 
+/// Users per `ListUserRecords` page (full fields): `5 + 36 x 50 = 1805`, within 2000.
+pub const RECORD_PAGE_SIZE: u32 = 50;
+
 /// `ISO8601Date`: kept as text; [`super::convert`] parses it and tolerates datetimes.
 pub type ISO8601Date = String;
 /// `ISO8601DateTime`: kept as text; [`super::convert`] accepts RFC 3339 and the legacy format.
@@ -48,6 +51,17 @@ pub struct GetUsers;
     variables_derives = "Debug, Clone"
 )]
 pub struct ListUsers;
+
+/// One page of `users` with the patient fields, for the full resync
+/// (`graphql/list_user_records.graphql`).
+#[derive(GraphQLQuery)]
+#[graphql(
+    schema_path = "graphql/schema.graphql",
+    query_path = "graphql/list_user_records.graphql",
+    response_derives = "Debug, Clone, PartialEq",
+    variables_derives = "Debug, Clone"
+)]
+pub struct ListUserRecords;
 
 #[cfg(test)]
 mod tests {
@@ -218,6 +232,10 @@ mod tests {
             fragment_text("graphql/get_user.graphql"),
             fragment_text("graphql/get_users.graphql")
         );
+        assert_eq!(
+            fragment_text("graphql/get_user.graphql"),
+            fragment_text("graphql/list_user_records.graphql")
+        );
     }
 
     struct Operation {
@@ -343,12 +361,23 @@ mod tests {
             assert!(cost <= MAX_COMPLEXITY, "complexity {cost}");
         }
         assert!(complexity(get_users::QUERY, &[("first", 56)]) > MAX_COMPLEXITY);
+        let records = complexity(
+            list_user_records::QUERY,
+            &[("first", i64::from(RECORD_PAGE_SIZE))],
+        );
+        assert_eq!(records, 1805);
+        assert!(complexity(list_user_records::QUERY, &[("first", 56)]) > MAX_COMPLEXITY);
     }
 
     #[test]
     fn operation_variables_fit_the_arguments_they_feed() {
         let types = subset();
-        for query in [get_user::QUERY, get_users::QUERY, list_users::QUERY] {
+        for query in [
+            get_user::QUERY,
+            get_users::QUERY,
+            list_users::QUERY,
+            list_user_records::QUERY,
+        ] {
             let op = Operation::parse(query);
             let q = op.query();
             let root = &q.selection_set.items[0];
