@@ -118,14 +118,25 @@ impl Lister {
         }
     }
 
-    /// Requests per second the configured client-side limit allows (the ETA's and the
-    /// benchmark's bound).
+    /// Requests per second the bulk lane may send: the configured client-side limit less the
+    /// share kept for live work (the pacing's rate, the ETA's and the benchmark's bound).
     pub fn allowed_rate(&self, settings: &Settings) -> f64 {
-        match self {
-            Lister::Healthie(_) => f64::from(settings.sources.healthie.requests_per_second),
-            Lister::Intakeq(_) => f64::from(settings.sources.intakeq.requests_per_minute) / 60.0,
-            Lister::Hint(_) => f64::from(settings.sources.hint.requests_per_second),
-        }
+        let s = &settings.sources;
+        let (rate, share) = match self {
+            Lister::Healthie(_) => (
+                f64::from(s.healthie.requests_per_second),
+                s.healthie.live_reserved_share,
+            ),
+            Lister::Intakeq(_) => (
+                f64::from(s.intakeq.requests_per_minute) / 60.0,
+                s.intakeq.live_reserved_share,
+            ),
+            Lister::Hint(_) => (
+                f64::from(s.hint.requests_per_second),
+                s.hint.live_reserved_share,
+            ),
+        };
+        rate * (1.0 - share.clamp(0.0, 0.99))
     }
 
     fn budget(&self) -> Option<BudgetSnapshot> {
