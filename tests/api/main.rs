@@ -9,5 +9,6 @@ mod helpers;
 mod identity_flow;
 mod pg;
 mod phi;
+mod scale;
 mod sources_flow;
 mod store;
