@@ -306,17 +306,29 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Ready when the database answers a cheap query.
+/// How long readiness waits for the database. While the database is down the pool keeps trying
+/// to connect for much longer; a health check needs its answer sooner.
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Ready when the database answers a cheap query within [`READY_TIMEOUT`].
 #[instrument(skip_all)]
 async fn readyz(State(state): State<ReceiverState>) -> Response {
-    match state.store.oldest_pending_ms().await {
-        Ok(_) => (StatusCode::OK, "ready").into_response(),
-        Err(e) => {
+    let unavailable = || (StatusCode::SERVICE_UNAVAILABLE, "database unavailable").into_response();
+    match tokio::time::timeout(READY_TIMEOUT, state.store.oldest_pending_ms()).await {
+        Ok(Ok(_)) => (StatusCode::OK, "ready").into_response(),
+        Ok(Err(e)) => {
             tracing::warn!(
                 error_kind = store_error_kind(&e),
                 "database did not answer the readiness query"
             );
-            (StatusCode::SERVICE_UNAVAILABLE, "database unavailable").into_response()
+            unavailable()
+        }
+        Err(_) => {
+            tracing::warn!(
+                timeout_ms = READY_TIMEOUT.as_millis() as u64,
+                "database did not answer the readiness query in time"
+            );
+            unavailable()
         }
     }
 }

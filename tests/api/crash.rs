@@ -420,6 +420,13 @@ async fn serve_survives_a_postgres_restart_mid_run() {
         || async { !ready(port).await },
     )
     .await;
+    let asked = Instant::now();
+    assert!(!ready(port).await, "not ready while the database is down");
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "readiness answers promptly during the outage ({:?})",
+        asked.elapsed()
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let starting = server.clone();
     tokio::task::spawn_blocking(move || starting.start())
