@@ -40,6 +40,15 @@ pub async fn apply_record(
         });
     }
     let keys = identity::record_blocking_keys(record, &settings.matching);
+    // Two records of one person applied at once by two workers (Postgres) would each miss the
+    // other's uncommitted keys and start two patients. Records that can match share a blocking
+    // key, so holding every key (in one order) until commit makes the second see the first.
+    let mut held: Vec<&String> = keys.iter().collect();
+    held.sort();
+    held.dedup();
+    for key in held {
+        tx.lock(&format!("match_key:{key}")).await?;
+    }
     tx.replace_match_keys(&record.key, &keys).await?;
 
     // An admin's decision sticks, and so does an automatic link to a patient that other records
