@@ -17,7 +17,11 @@ use patient_sync::store::{self, InboxState, Store};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::app::{start_sandbox, WEBHOOK_SECRET};
+use patient_sync::app::Application;
+use patient_sync::sandbox::{hint, HINT_API_KEY};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{settings_for, start_sandbox, WEBHOOK_SECRET};
 use crate::scale::{assert_exactly_once, assert_same, snapshot, Snapshot};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_patient-sync");
@@ -257,6 +261,102 @@ pub async fn undisturbed(sandbox: &SandboxHandle, events: &[HealthieEnvelope]) -
     assert_eq!(summary.dead, 0, "the undisturbed run dead-letters nothing");
     assert_exactly_once(app.store.as_ref(), events.len() as u64, events.len() as u64).await;
     snapshot(app.store.as_ref()).await
+}
+
+/// Environment enabling the Hint source against `sandbox`, with its webhook secret.
+pub fn hint_env(sandbox: &SandboxHandle) -> Vec<(&'static str, String)> {
+    vec![
+        ("PATIENT_SYNC_SOURCES__HINT__ENABLED", "true".into()),
+        ("PATIENT_SYNC_SOURCES__HINT__BASE_URL", sandbox.hint_url()),
+        ("PATIENT_SYNC_SOURCES__HINT__API_KEY", HINT_API_KEY.into()),
+        (
+            "PATIENT_SYNC_SOURCES__HINT__WEBHOOK_SECRET",
+            HINT_SECRET.into(),
+        ),
+    ]
+}
+
+/// How many distinct Hint events (by event id) are among `events`.
+pub fn distinct_events(events: &[serde_json::Value]) -> usize {
+    events
+        .iter()
+        .map(|e| e["id"].to_string())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+}
+
+/// The Hint webhook secret the tests sign with.
+pub const HINT_SECRET: &str = "hint-test-signing-key";
+
+/// Delivers Hint webhook events like [`deliver`]: each until acknowledged (a duplicate is an
+/// acknowledgement too), spread over the receivers at `urls`.
+pub async fn deliver_hint(urls: Vec<String>, events: Vec<serde_json::Value>, deadline: Duration) {
+    use futures::StreamExt;
+    let until = Instant::now() + deadline;
+    let http = reqwest::Client::new();
+    futures::stream::iter(events.into_iter().enumerate())
+        .for_each_concurrent(8, |(i, event)| {
+            let (http, urls) = (http.clone(), &urls);
+            async move {
+                let mut tries = 0;
+                loop {
+                    let url = &urls[(i + tries) % urls.len()];
+                    match hint::send_webhook(&http, url, HINT_SECRET, &event).await {
+                        Ok(status) if status.is_success() => return,
+                        Ok(status) => assert!(status.is_server_error(), "refused with {status}"),
+                        Err(_) => {}
+                    }
+                    tries += 1;
+                    assert!(
+                        Instant::now() < until,
+                        "a Hint delivery was not acknowledged in time"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        })
+        .await;
+}
+
+/// The same Healthie and Hint deliveries into an undisturbed in-process run with one worker on
+/// SQLite, Hint enabled.
+pub async fn undisturbed_with_hint(
+    sandbox: &SandboxHandle,
+    events: &[HealthieEnvelope],
+    hint_events: &[serde_json::Value],
+) -> Snapshot {
+    let db = crate::helpers::database(crate::helpers::Db::Sqlite).await;
+    let extra = hint_env(sandbox);
+    let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let app = Application::build(settings_for(&db.url, &sandbox.healthie_url(), &extra))
+        .await
+        .expect("application builds");
+    let base = format!("http://{}", app.local_addr());
+    let (store, worker) = (app.store(), app.worker());
+    let shutdown = CancellationToken::new();
+    tokio::spawn(app.run_receiver(shutdown.clone()));
+    let _stop = shutdown.drop_guard();
+    let healthie = tokio::spawn(deliver(
+        vec![WebhookSender::new(
+            format!("{base}/webhooks/healthie").parse().unwrap(),
+            WEBHOOK_SECRET.as_bytes().to_vec(),
+        )],
+        events.to_vec(),
+        8,
+        Duration::from_secs(120),
+    ));
+    deliver_hint(
+        vec![format!("{base}/webhooks/hint")],
+        hint_events.to_vec(),
+        Duration::from_secs(120),
+    )
+    .await;
+    healthie.await.unwrap();
+    let summary = worker.drain().await.unwrap();
+    assert_eq!(summary.dead, 0, "the undisturbed run dead-letters nothing");
+    let stored = (events.len() + distinct_events(hint_events)) as u64;
+    assert_exactly_once(store.as_ref(), stored, stored).await;
+    snapshot(store.as_ref()).await
 }
 
 /// A storm of about 800 deliveries per unit of `scale`: creates, updates (some delivered twice),

@@ -1,5 +1,6 @@
 //! Scale-out on Postgres through the real binary: four `serve` processes share one database
-//! and thousands of Healthie deliveries; every delivery takes effect exactly once and the
+//! and thousands of Healthie deliveries plus a Hint webhook for every Hint patient (linked
+//! across systems); every delivery takes effect exactly once and the
 //! canonical table equals a single-worker run. Also the whole-database checks (`snapshot`,
 //! `assert_exactly_once`) that `crash` uses.
 
@@ -11,9 +12,11 @@ use patient_sync::model::{PatientId, SourceKey};
 use patient_sync::sandbox::healthie::Faults;
 use patient_sync::store::{self, InboxState, PatientRow, Store};
 
+use patient_sync::sandbox::hint;
+
 use crate::crash::{
-    count, deliver, free_port, start_serve, storm_config, storm_sandbox, test_seed, undisturbed,
-    wait_for, Serve, BIN,
+    count, deliver, deliver_hint, distinct_events, free_port, hint_env, start_serve, storm_config,
+    storm_sandbox, test_seed, undisturbed_with_hint, wait_for, Serve, BIN,
 };
 
 /// What a run leaves in the database, without generated ids and timestamps: each source
@@ -252,21 +255,50 @@ async fn four_serve_processes_on_one_postgres_apply_every_event_exactly_once() {
         },
     )
     .await;
-    let total = events.len() as u64;
-    assert!(total >= 3_000, "thousands of deliveries ({total})");
+    assert!(
+        events.len() >= 3_000,
+        "thousands of deliveries ({})",
+        events.len()
+    );
+    // Every Hint patient once, one in five delivered twice (the copy is a duplicate).
+    let hint_events: Vec<serde_json::Value> = {
+        let pop = sandbox.population().read().unwrap();
+        pop.hint_patients()
+            .enumerate()
+            .flat_map(|(i, p)| {
+                let event = hint::event("patient.updated", p.clone());
+                std::iter::repeat_n(event, 1 + usize::from(i % 5 == 0))
+            })
+            .collect()
+    };
+    assert!(!hint_events.is_empty(), "the population has Hint patients");
+    let total = (events.len() + distinct_events(&hint_events)) as u64;
 
-    let extra = [
+    let hint = hint_env(&sandbox);
+    let mut extra = vec![
         ("PATIENT_SYNC_WORKER__LEASE_SECS", "30"),
         ("PATIENT_SYNC_WORKER__BATCH_SIZE", "10"),
         ("PATIENT_SYNC_SOURCES__HEALTHIE__BATCH_SIZE", "10"),
         ("PATIENT_SYNC_DATABASE__MAX_CONNECTIONS", "6"),
     ];
+    extra.extend(hint.iter().map(|(k, v)| (*k, v.as_str())));
     let mut replicas: Vec<Serve> = Vec::new();
     for _ in 0..4 {
         replicas.push(start_serve(&db_url, free_port(), &sandbox.healthie_url(), &extra).await);
     }
     let senders = replicas.iter().map(Serve::sender).collect();
-    let resent = deliver(senders, events.clone(), 16, Duration::from_secs(120)).await;
+    let healthie = tokio::spawn(deliver(
+        senders,
+        events.clone(),
+        16,
+        Duration::from_secs(120),
+    ));
+    let hint_urls = replicas
+        .iter()
+        .map(|r| format!("http://127.0.0.1:{}/webhooks/hint", r.port))
+        .collect();
+    deliver_hint(hint_urls, hint_events.clone(), Duration::from_secs(120)).await;
+    let resent = healthie.await.unwrap();
     assert_eq!(
         resent, 0,
         "every replica acknowledged every delivery at once"
@@ -299,6 +331,6 @@ async fn four_serve_processes_on_one_postgres_apply_every_event_exactly_once() {
 
     assert_exactly_once(observer.as_ref(), total, total).await;
     let shared = snapshot(observer.as_ref()).await;
-    let expected = undisturbed(&sandbox, &events).await;
+    let expected = undisturbed_with_hint(&sandbox, &events, &hint_events).await;
     assert_same(&expected, &shared);
 }
