@@ -360,7 +360,7 @@ pub async fn undisturbed_with_hint(
 }
 
 /// A storm of about 800 deliveries per unit of `scale`: creates, updates (some delivered twice),
-/// archivals, address and tag changes, out of order.
+/// archivals, address and tag changes and merges, out of order.
 pub fn storm_config(seed: u64, scale: usize) -> StormConfig {
     StormConfig {
         seed,
@@ -371,10 +371,7 @@ pub fn storm_config(seed: u64, scale: usize) -> StormConfig {
         archives: 12 * scale,
         location_changes: 60 * scale,
         tag_changes: 30 * scale,
-        // No merges: a plain refetch of a merged-away Healthie user processed after the merge
-        // turns its stored record back from `merged` to `archived`, so the outcome depends on
-        // processing order (a known gap in applying merges, not in the queue).
-        merges: 0,
+        merges: 4 * scale,
         reorder_window: 16,
         ..Default::default()
     }

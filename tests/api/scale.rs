@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::Duration;
 
-use patient_sync::model::{PatientId, SourceKey};
+use patient_sync::model::{PatientId, SourceKey, SourceKind};
 use patient_sync::sandbox::healthie::Faults;
 use patient_sync::store::{self, InboxState, PatientRow, Store};
 
@@ -20,7 +20,9 @@ use crate::crash::{
 };
 
 /// What a run leaves in the database, without generated ids and timestamps: each source
-/// record's stored state, the canonical row each record is linked to, and patients by status.
+/// record's stored state, the canonical row each record is linked to, and live patients by
+/// status. Rows merged away are history, not state: whether a merged-away Healthie user got a
+/// row of its own before the merge depends on which event came first.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Snapshot {
     pub records: BTreeMap<String, String>,
@@ -102,7 +104,13 @@ pub async fn snapshot(store: &dyn Store) -> Snapshot {
     Snapshot {
         records,
         rows,
-        statuses: store.count_patients().await.unwrap(),
+        statuses: store
+            .count_patients()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|(status, _)| status != "merged")
+            .collect(),
     }
 }
 
@@ -122,7 +130,10 @@ pub fn assert_same(expected: &Snapshot, actual: &Snapshot) {
     }
     diff("source records", &expected.records, &actual.records);
     diff("canonical rows", &expected.rows, &actual.rows);
-    assert_eq!(expected.statuses, actual.statuses, "patients by status");
+    assert_eq!(
+        expected.statuses, actual.statuses,
+        "live patients by status"
+    );
 }
 
 /// Every delivery took effect exactly once: the inbox holds between `min` and `max` items, all
@@ -260,10 +271,22 @@ async fn four_serve_processes_on_one_postgres_apply_every_event_exactly_once() {
         "thousands of deliveries ({})",
         events.len()
     );
-    // Every Hint patient once, one in five delivered twice (the copy is a duplicate).
+    // Every Hint patient once, one in five delivered twice (the copy is a duplicate). People
+    // with two Hint records are left out: which of the two joins their patient (two records of
+    // one system never link automatically) depends on which arrives first, by design.
     let hint_events: Vec<serde_json::Value> = {
         let pop = sandbox.population().read().unwrap();
+        let mut per_person: BTreeMap<_, usize> = BTreeMap::new();
+        for key in pop.ground_truth().keys() {
+            if key.source == SourceKind::Hint {
+                *per_person.entry(pop.person_of(key)).or_default() += 1;
+            }
+        }
         pop.hint_patients()
+            .filter(|p| {
+                let key = SourceKey::new(SourceKind::Hint, p["id"].as_str().unwrap_or_default());
+                per_person.get(&pop.person_of(&key)) == Some(&1)
+            })
             .enumerate()
             .flat_map(|(i, p)| {
                 let event = hint::event("patient.updated", p.clone());
