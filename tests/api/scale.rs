@@ -1,6 +1,6 @@
 //! Scale-out on Postgres through the real binary: four `serve` processes share one database
-//! and thousands of Healthie deliveries plus a Hint webhook for every Hint patient (linked
-//! across systems); every delivery takes effect exactly once and the
+//! and thousands of Healthie deliveries plus Hint webhooks for Hint patients (linked across
+//! systems); every delivery takes effect exactly once and the
 //! canonical table equals a single-worker run. Also the whole-database checks (`snapshot`,
 //! `assert_exactly_once`) that `crash` uses.
 
