@@ -135,11 +135,11 @@ impl Application {
     }
 
     fn router(&self) -> axum::Router {
-        receiver::router(ReceiverState {
-            store: self.store.clone(),
-            settings: self.settings.clone(),
-            metrics: self.metrics.clone(),
-        })
+        receiver::router(ReceiverState::new(
+            self.store.clone(),
+            self.settings.clone(),
+            self.metrics.clone(),
+        ))
     }
 
     /// Serves webhooks, health and metrics only, until `shutdown` fires. Tests use this and

@@ -12,6 +12,7 @@
 
 mod healthie;
 mod hint;
+mod inbox_writer;
 mod intakeq;
 mod verify;
 mod wire;
@@ -33,6 +34,8 @@ use bytes::Bytes;
 use serde_json::json;
 use tracing::{instrument, Span};
 
+use inbox_writer::InboxWriter;
+
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::model::{InboxId, SourceKind};
@@ -49,12 +52,26 @@ pub const INBOX_ITEMS: &str = "patient_sync_inbox_items";
 /// Gauge of the age of the oldest pending (or leased) inbox item, 0 when there is none.
 pub const INBOX_OLDEST_PENDING_SECONDS: &str = "patient_sync_inbox_oldest_pending_age_seconds";
 
-/// What the receiver needs: the store (inbox only), the configuration and the metrics registry.
+/// What the receiver needs: the store (inbox only), the configuration, the metrics registry and
+/// the inbox writer that group-commits deliveries.
 #[derive(Clone)]
 pub struct ReceiverState {
     pub store: Arc<dyn Store>,
     pub settings: Arc<Settings>,
     pub metrics: Arc<Metrics>,
+    inbox: InboxWriter,
+}
+
+impl ReceiverState {
+    /// Starts the inbox writer on the current runtime.
+    pub fn new(store: Arc<dyn Store>, settings: Arc<Settings>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            inbox: InboxWriter::spawn(store.clone()),
+            store,
+            settings,
+            metrics,
+        }
+    }
 }
 
 /// The receiver's routes, with the body limit from `server.body_limit_bytes`.
@@ -182,9 +199,9 @@ fn read_body(
     }
 }
 
-/// Writes one item to the inbox (its own transaction).
+/// Writes one item to the inbox; returns once the transaction holding it has committed.
 async fn save_inbox_item(state: &ReceiverState, item: &NewInboxItem) -> Result<Ack, Rejection> {
-    match state.store.insert_inbox(item).await {
+    match state.inbox.insert(item.clone()).await {
         Ok(InsertOutcome::Inserted(id)) => Ok(Ack::Stored {
             id,
             ignored: item.ignore_reason.clone(),
@@ -295,17 +312,29 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Ready when the database answers a cheap query.
+/// How long readiness waits for the database. While the database is down the pool keeps trying
+/// to connect for much longer; a health check needs its answer sooner.
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Ready when the database answers a cheap query within [`READY_TIMEOUT`].
 #[instrument(skip_all)]
 async fn readyz(State(state): State<ReceiverState>) -> Response {
-    match state.store.oldest_pending_ms().await {
-        Ok(_) => (StatusCode::OK, "ready").into_response(),
-        Err(e) => {
+    let unavailable = || (StatusCode::SERVICE_UNAVAILABLE, "database unavailable").into_response();
+    match tokio::time::timeout(READY_TIMEOUT, state.store.oldest_pending_ms()).await {
+        Ok(Ok(_)) => (StatusCode::OK, "ready").into_response(),
+        Ok(Err(e)) => {
             tracing::warn!(
                 error_kind = store_error_kind(&e),
                 "database did not answer the readiness query"
             );
-            (StatusCode::SERVICE_UNAVAILABLE, "database unavailable").into_response()
+            unavailable()
+        }
+        Err(_) => {
+            tracing::warn!(
+                timeout_ms = READY_TIMEOUT.as_millis() as u64,
+                "database did not answer the readiness query in time"
+            );
+            unavailable()
         }
     }
 }

@@ -71,11 +71,11 @@ async fn app_with(overrides: &[(&str, &str)], migrate: bool) -> TestApp {
         store.migrate().await.unwrap();
     }
     let metrics = Arc::new(Metrics::new());
-    let state = ReceiverState {
-        store: store.clone(),
-        settings: Arc::new(settings(overrides)),
-        metrics: metrics.clone(),
-    };
+    let state = ReceiverState::new(
+        store.clone(),
+        Arc::new(settings(overrides)),
+        metrics.clone(),
+    );
     TestApp {
         router: router(state),
         store,
@@ -551,6 +551,30 @@ async fn hint_signed_delivery_is_stored_once_and_a_redelivery_is_a_duplicate() {
         ),
         1
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_deliveries_share_commits_and_each_is_stored_or_a_duplicate_exactly_once() {
+    let app = app().await;
+    // 40 distinct Hint events, each delivered three times at once: the writer batches them
+    // together, yet every event is stored once and every other copy answers "duplicate".
+    let bodies: Vec<String> = (0..40)
+        .map(|i| HINT_PATIENT.replace("evt-abc123", &format!("evt-{i}")))
+        .collect();
+    let sends = bodies.iter().cycle().take(120).map(|body| {
+        let sig = hint_signature(HINT_SECRET, body.as_bytes());
+        let request = hint(body, &sig);
+        let router = app.router.clone();
+        async move { router.oneshot(request).await.unwrap().status() }
+    });
+    let statuses = futures::future::join_all(sends).await;
+    let accepted = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::ACCEPTED)
+        .count();
+    let duplicates = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    assert_eq!((accepted, duplicates), (40, 80), "{statuses:?}");
+    assert_eq!(app.inbox_total().await, 40);
 }
 
 #[tokio::test]

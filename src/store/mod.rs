@@ -600,6 +600,16 @@ pub trait Store: Send + Sync + 'static {
         checked_pass: Option<i64>,
         since: Option<DateTime<Utc>>,
     ) -> StoreResult<()>;
+    /// Stores several inbox items in one transaction, with the outcome of each in order (a
+    /// repeated dedupe key within the batch is a duplicate, as across batches). All or none
+    /// commit. The default stores them one by one.
+    async fn insert_inbox_batch(&self, items: &[NewInboxItem]) -> StoreResult<Vec<InsertOutcome>> {
+        let mut outcomes = Vec::with_capacity(items.len());
+        for item in items {
+            outcomes.push(self.insert_inbox(item).await?);
+        }
+        Ok(outcomes)
+    }
 }
 
 /// Writes that must commit together: a source record, its link and the canonical row it

@@ -247,6 +247,40 @@ macro_rules! impl_store {
             row.as_ref().map(link_from_row).transpose()
         }
 
+        async fn insert_inbox_in<'e, E>(ex: E, item: &NewInboxItem) -> StoreResult<InsertOutcome>
+        where
+            E: sqlx::Executor<'e, Database = $Db>,
+        {
+            let (state, finished) = match item.ignore_reason {
+                Some(_) => (InboxState::Ignored, Some(item.received_at_ms)),
+                None => (InboxState::Pending, None),
+            };
+            let row = sqlx::query(
+                "INSERT INTO inbox (source, origin, event_type, resource_type, resource_id, body, dedupe_key, \
+                 received_at_ms, state, reason, attempts, available_at_ms, finished_at_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0, $8, $11) \
+                 ON CONFLICT (source, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING \
+                 RETURNING id",
+            )
+            .bind(item.source.as_str())
+            .bind(item.origin.as_str())
+            .bind(&item.event_type)
+            .bind(item.resource_type.as_deref())
+            .bind(item.resource_id.as_deref())
+            .bind(&item.body)
+            .bind(item.dedupe_key.as_deref())
+            .bind(item.received_at_ms)
+            .bind(state.as_str())
+            .bind(item.ignore_reason.as_deref())
+            .bind(finished)
+            .fetch_optional(ex)
+            .await?;
+            Ok(match row {
+                Some(row) => InsertOutcome::Inserted(InboxId(row.try_get("id")?)),
+                None => InsertOutcome::Duplicate,
+            })
+        }
+
         async fn insert_link_event_in<'e, E>(ex: E, event: &LinkEvent) -> StoreResult<()>
         where
             E: sqlx::Executor<'e, Database = $Db>,
@@ -287,34 +321,7 @@ macro_rules! impl_store {
             }
 
             async fn insert_inbox(&self, item: &NewInboxItem) -> StoreResult<InsertOutcome> {
-                let (state, finished) = match item.ignore_reason {
-                    Some(_) => (InboxState::Ignored, Some(item.received_at_ms)),
-                    None => (InboxState::Pending, None),
-                };
-                let row = sqlx::query(
-                    "INSERT INTO inbox (source, origin, event_type, resource_type, resource_id, body, dedupe_key, \
-                     received_at_ms, state, reason, attempts, available_at_ms, finished_at_ms) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0, $8, $11) \
-                     ON CONFLICT (source, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING \
-                     RETURNING id",
-                )
-                .bind(item.source.as_str())
-                .bind(item.origin.as_str())
-                .bind(&item.event_type)
-                .bind(item.resource_type.as_deref())
-                .bind(item.resource_id.as_deref())
-                .bind(&item.body)
-                .bind(item.dedupe_key.as_deref())
-                .bind(item.received_at_ms)
-                .bind(state.as_str())
-                .bind(item.ignore_reason.as_deref())
-                .bind(finished)
-                .fetch_optional(&self.pool)
-                .await?;
-                Ok(match row {
-                    Some(row) => InsertOutcome::Inserted(InboxId(row.try_get("id")?)),
-                    None => InsertOutcome::Duplicate,
-                })
+                insert_inbox_in(&self.pool, item).await
             }
 
             async fn claim_inbox(
@@ -897,6 +904,16 @@ macro_rules! impl_store {
                 .execute(&self.pool)
                 .await?;
                 Ok(())
+            }
+
+            async fn insert_inbox_batch(&self, items: &[NewInboxItem]) -> StoreResult<Vec<InsertOutcome>> {
+                let mut tx = $begin(&self.pool).await?;
+                let mut outcomes = Vec::with_capacity(items.len());
+                for item in items {
+                    outcomes.push(insert_inbox_in(&mut *tx, item).await?);
+                }
+                tx.commit().await?;
+                Ok(outcomes)
             }
         }
 

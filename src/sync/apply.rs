@@ -31,6 +31,31 @@ pub async fn apply_record(
     now: DateTime<Utc>,
 ) -> StoreResult<Applied> {
     tx.lock(&record.key.to_string()).await?;
+    // A merge the source reported (Healthie `patient.merged`) and a plain snapshot of the same
+    // state of the merged-away record (same source `updated_at`) end merged, whichever is
+    // applied or was fetched first; only a newer snapshot undoes the merge.
+    let same_state;
+    let record = match tx.load_source_record(&record.key).await? {
+        Some(old)
+            if (old.status == RecordStatus::Merged) != (record.status == RecordStatus::Merged)
+                && record.source_updated_at.is_some()
+                && record.source_updated_at == old.source_updated_at =>
+        {
+            let merged = if old.status == RecordStatus::Merged {
+                &old
+            } else {
+                record
+            };
+            same_state = SourceRecord {
+                status: RecordStatus::Merged,
+                merged_into: merged.merged_into.clone(),
+                fetched_at: old.fetched_at.max(record.fetched_at),
+                ..record.clone()
+            };
+            &same_state
+        }
+        _ => record,
+    };
     let outcome = tx.save_source_record(record).await?;
     let existing = tx.load_link(&record.key).await?;
     if outcome == SaveOutcome::Stale || (outcome == SaveOutcome::Unchanged && existing.is_some()) {
@@ -40,6 +65,15 @@ pub async fn apply_record(
         });
     }
     let keys = identity::record_blocking_keys(record, &settings.matching);
+    // Two records of one person applied at once by two workers (Postgres) would each miss the
+    // other's uncommitted keys and start two patients. Records that can match share a blocking
+    // key, so holding every key (in one order) until commit makes the second see the first.
+    let mut held: Vec<&String> = keys.iter().collect();
+    held.sort();
+    held.dedup();
+    for key in held {
+        tx.lock(&format!("match_key:{key}")).await?;
+    }
     tx.replace_match_keys(&record.key, &keys).await?;
 
     // An admin's decision sticks, and so does an automatic link to a patient that other records

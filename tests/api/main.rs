@@ -17,5 +17,6 @@ mod pg;
 mod phi;
 mod queue;
 mod resync;
+mod scale;
 mod sources_flow;
 mod store;

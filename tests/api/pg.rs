@@ -1,6 +1,7 @@
 //! A throwaway Postgres server for the test run, started from the system's binaries (as
 //! `nobody` when the tests run as root, since the server refuses root). One server per test
-//! process, one fresh database per test; the server dies with the test process.
+//! process, one fresh database per test; the server dies with the test process. A test that
+//! restarts Postgres starts its own [`PgServer`].
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::chown;
@@ -9,16 +10,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 const NOBODY: u32 = 65534;
 
-struct Server {
-    port: u16,
-}
-
-static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
+static SERVER: OnceLock<Result<PgServer, String>> = OnceLock::new();
 static NEXT_DB: AtomicU32 = AtomicU32::new(0);
 
 /// Where the server binaries are: `PSYNC_PG_BINDIR`, `pg_config --bindir`, or the newest
@@ -85,132 +82,191 @@ fn free_port() -> u16 {
         .expect("an ephemeral port is available")
 }
 
-fn start() -> Result<Server, String> {
-    let bindir = find_bindir()?;
-    let root = tempfile::Builder::new()
-        .prefix("patient-sync-pg-")
-        .tempdir()
-        .map_err(|e| format!("cannot create a directory for the test server: {e}"))?
-        .keep();
-    let data = root.join("data");
-    std::fs::create_dir(&data).map_err(|e| e.to_string())?;
-    if is_root() {
-        for dir in [&root, &data] {
-            chown(dir, Some(NOBODY), Some(NOBODY))
-                .map_err(|e| format!("cannot hand {} to nobody: {e}", dir.display()))?;
+/// One Postgres server on its own data directory and port. It can be stopped and started
+/// again on the same directory and port, as a database restart looks to its clients.
+pub struct PgServer {
+    bindir: PathBuf,
+    root: PathBuf,
+    data: PathBuf,
+    port: u16,
+    /// The running postmaster's pid and a receiver that fires when it has exited.
+    running: Mutex<Option<(u32, mpsc::Receiver<()>)>>,
+}
+
+impl PgServer {
+    /// Creates a data directory with initdb and starts the server on a free port.
+    pub fn init() -> Result<Self, String> {
+        let bindir = find_bindir()?;
+        let root = tempfile::Builder::new()
+            .prefix("patient-sync-pg-")
+            .tempdir()
+            .map_err(|e| format!("cannot create a directory for the test server: {e}"))?
+            .keep();
+        let data = root.join("data");
+        std::fs::create_dir(&data).map_err(|e| e.to_string())?;
+        if is_root() {
+            for dir in [&root, &data] {
+                chown(dir, Some(NOBODY), Some(NOBODY))
+                    .map_err(|e| format!("cannot hand {} to nobody: {e}", dir.display()))?;
+            }
         }
-    }
-    let init = command(&bindir, "initdb")
-        .args(["-D"])
-        .arg(&data)
-        .args([
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "-E",
-            "UTF8",
-            "--no-locale",
-            "--no-sync",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .map_err(|e| format!("cannot run initdb: {e}"))?;
-    if !init.status.success() {
-        return Err(format!(
-            "initdb failed: {}",
-            String::from_utf8_lossy(&init.stderr)
-        ));
-    }
-    let port = free_port();
-    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
-    let data_for_thread = data.clone();
-    let root_for_thread = root.clone();
-    // The server is a child of a thread that never ends, so PR_SET_PDEATHSIG fires only when
-    // the whole test process goes away.
-    std::thread::spawn(move || {
-        let mut cmd = command(&bindir, "postgres");
-        cmd.arg("-D")
-            .arg(&data_for_thread)
-            .args(["-p", &port.to_string(), "-k"])
-            .arg(&root_for_thread)
+        let init = command(&bindir, "initdb")
+            .args(["-D"])
+            .arg(&data)
             .args([
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
-                "-c",
-                "full_page_writes=off",
-                "-c",
-                "max_connections=300",
-                "-c",
-                "logging_collector=off",
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-locale",
+                "--no-sync",
             ])
             .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        // SAFETY: prctl is async-signal-safe and touches only this child process.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
+            .stderr(Stdio::piped())
+            .output()
+            .map_err(|e| format!("cannot run initdb: {e}"))?;
+        if !init.status.success() {
+            return Err(format!(
+                "initdb failed: {}",
+                String::from_utf8_lossy(&init.stderr)
+            ));
         }
-        let mut child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = ready_tx.send(Err(format!("cannot start postgres: {e}")));
-                return;
-            }
+        let server = Self {
+            bindir,
+            root,
+            data,
+            port: free_port(),
+            running: Mutex::new(None),
         };
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let mut signalled = false;
-        let mut log = Vec::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if !signalled {
-                log.push(line.clone());
-                if line.contains("ready to accept connections") {
-                    let _ = ready_tx.send(Ok(()));
-                    signalled = true;
+        server.start()?;
+        Ok(server)
+    }
+
+    /// Starts the server on its data directory and port and waits until it accepts
+    /// connections. Does nothing when it is running.
+    pub fn start(&self) -> Result<(), String> {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if running.is_some() {
+            return Ok(());
+        }
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<u32, String>>();
+        let (exit_tx, exit_rx) = mpsc::channel::<()>();
+        let (bindir, data, root, port) = (
+            self.bindir.clone(),
+            self.data.clone(),
+            self.root.clone(),
+            self.port,
+        );
+        // The server is a child of a thread that lives as long as the server, so
+        // PR_SET_PDEATHSIG fires only when the whole test process goes away.
+        std::thread::spawn(move || {
+            let mut cmd = command(&bindir, "postgres");
+            cmd.arg("-D")
+                .arg(&data)
+                .args(["-p", &port.to_string(), "-k"])
+                .arg(&root)
+                .args([
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "synchronous_commit=off",
+                    "-c",
+                    "full_page_writes=off",
+                    "-c",
+                    "max_connections=300",
+                    "-c",
+                    "logging_collector=off",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped());
+            // SAFETY: prctl is async-signal-safe and touches only this child process.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+            let mut child = match cmd.spawn() {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(format!("cannot start postgres: {e}")));
+                    return;
+                }
+            };
+            let pid = child.id();
+            let stderr = child.stderr.take().expect("stderr is piped");
+            let mut signalled = false;
+            let mut log = Vec::new();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !signalled {
+                    log.push(line.clone());
+                    if line.contains("ready to accept connections") {
+                        let _ = ready_tx.send(Ok(pid));
+                        signalled = true;
+                    }
                 }
             }
+            if !signalled {
+                let _ = ready_tx.send(Err(format!(
+                    "postgres exited before it was ready:\n{}",
+                    log.join("\n")
+                )));
+            }
+            let _ = child.wait();
+            let _ = exit_tx.send(());
+        });
+        let pid = ready_rx
+            .recv_timeout(Duration::from_secs(60))
+            .map_err(|_| "postgres did not become ready within 60 s".to_string())??;
+        *running = Some((pid, exit_rx));
+        Ok(())
+    }
+
+    /// Stops the server with a fast shutdown (open sessions are cut off, as in a restart) and
+    /// waits until it has exited.
+    pub fn stop(&self) {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((pid, exited)) = running.take() {
+            // SAFETY: kill(2) on the postmaster this value started.
+            unsafe { libc::kill(pid as i32, libc::SIGINT) };
+            // An answer in time or none: `Drop` must not panic, and a server that does not
+            // stop still dies with the test process.
+            let _ = exited.recv_timeout(Duration::from_secs(60));
         }
-        if !signalled {
-            let _ = ready_tx.send(Err(format!(
-                "postgres exited before it was ready:\n{}",
-                log.join("\n")
-            )));
-        }
-        let _ = child.wait();
-        loop {
-            std::thread::park();
-        }
-    });
-    ready_rx
-        .recv_timeout(Duration::from_secs(60))
-        .map_err(|_| "postgres did not become ready within 60 s".to_string())??;
-    Ok(Server { port })
+    }
+
+    /// A url to a fresh, empty database on this server.
+    pub async fn fresh_database(&self) -> String {
+        let name = format!(
+            "t{}_{}",
+            std::process::id(),
+            NEXT_DB.fetch_add(1, Ordering::SeqCst)
+        );
+        let admin = format!("postgres://postgres@127.0.0.1:{}/postgres", self.port);
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin)
+            .await
+            .expect("connect to the test server");
+        sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
+            .await
+            .expect("create a test database");
+        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
 }
 
 /// A url to a fresh, empty database on the shared test server.
 pub async fn fresh_database() -> String {
-    let server = SERVER.get_or_init(start);
-    let server = match server {
-        Ok(s) => s,
+    match SERVER.get_or_init(PgServer::init) {
+        Ok(server) => server.fresh_database().await,
         Err(e) => panic!("cannot start the test Postgres server: {e}"),
-    };
-    let name = format!(
-        "t{}_{}",
-        std::process::id(),
-        NEXT_DB.fetch_add(1, Ordering::SeqCst)
-    );
-    let admin = format!("postgres://postgres@127.0.0.1:{}/postgres", server.port);
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin)
-        .await
-        .expect("connect to the test server");
-    sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
-        .await
-        .expect("create a test database");
-    format!("postgres://postgres@127.0.0.1:{}/{name}", server.port)
+    }
 }
