@@ -16,7 +16,7 @@
 //! from a [`Clock`], so tests move it by hand instead of sleeping.
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -221,18 +221,7 @@ pub struct Upstream {
     paused_until: Mutex<Option<Instant>>,
     budget: Option<Arc<DailyBudget>>,
     bulk: Option<BulkLane>,
-    /// Live requests of this process waiting for their turn (limiters, pause, budget).
-    live_waiting: AtomicUsize,
     metrics: Arc<Metrics>,
-}
-
-/// Counts a live request as waiting until dropped (also when its future is cancelled).
-struct Waiting<'a>(&'a AtomicUsize);
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// The extra gate bulk requests pass: every quota at `1 - share`, fewer concurrency slots, and
@@ -295,7 +284,6 @@ impl Upstream {
             paused_until: Mutex::new(None),
             budget: None,
             bulk: None,
-            live_waiting: AtomicUsize::new(0),
             metrics,
         }
     }
@@ -351,22 +339,12 @@ impl Upstream {
         &self.client
     }
 
-    /// Live requests of this process now waiting for their turn. A worker holding a short
-    /// batch gathers more while another request already waits: sending now would only queue.
-    pub fn live_waiting(&self) -> usize {
-        self.live_waiting.load(Ordering::Relaxed)
-    }
-
     /// Waits for every quota and any pause of the caller's lane, without sending anything.
     async fn wait_turn(&self) {
         let bulk = match current_lane() {
             Lane::Bulk => self.bulk.as_ref(),
             Lane::Live => None,
         };
-        let _waiting = bulk.is_none().then(|| {
-            self.live_waiting.fetch_add(1, Ordering::Relaxed);
-            Waiting(&self.live_waiting)
-        });
         let started = Instant::now();
         loop {
             let pause = *self.paused_until.lock().await;
@@ -834,34 +812,6 @@ mod tests {
         assert_eq!(parse_retry_after(&h), Some(Duration::ZERO));
         h.insert("retry-after", "soon".parse().unwrap());
         assert_eq!(parse_retry_after(&h), None);
-    }
-
-    #[tokio::test]
-    async fn live_requests_waiting_for_their_turn_are_counted_bulk_ones_not() {
-        let upstream = Arc::new(hourly(1, None, 0.5));
-        upstream.wait_turn().await; // spends the only cell of the hour
-        assert_eq!(upstream.live_waiting(), 0);
-        let live = tokio::spawn({
-            let u = upstream.clone();
-            async move { u.wait_turn().await }
-        });
-        let bulk_waiter = tokio::spawn({
-            let u = upstream.clone();
-            async move { bulk(u.wait_turn()).await }
-        });
-        for _ in 0..100 {
-            if upstream.live_waiting() > 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(upstream.live_waiting(), 1, "the live waiter only");
-        live.abort();
-        bulk_waiter.abort();
-        let _ = live.await;
-        let _ = bulk_waiter.await;
-        assert_eq!(upstream.live_waiting(), 0, "a cancelled wait is uncounted");
     }
 
     #[tokio::test]

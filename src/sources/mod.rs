@@ -152,10 +152,4 @@ pub trait Source: Send + Sync {
     fn batch_window(&self) -> std::time::Duration {
         std::time::Duration::ZERO
     }
-
-    /// Another live request of this process already waits for the rate limiter: a short batch
-    /// sent now would queue behind it, so the worker keeps gathering instead.
-    fn upstream_busy(&self) -> bool {
-        false
-    }
 }

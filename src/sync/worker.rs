@@ -7,9 +7,7 @@
 //! patient becomes one fetch, applied once, and every item finishes in the same transaction.
 //! Batching: while a source that fetches many records per request (Healthie's `users(ids:)`)
 //! has fewer distinct records in hand than its batch size, the worker claims again, and when
-//! the queue is only trickling, waits for the source's `batch_window`, and a window at a time
-//! longer while another request of the process already waits for that source's rate limiter
-//! (never in `drain`).
+//! the queue is only trickling, waits once for the source's `batch_window` (never in `drain`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -78,9 +76,6 @@ impl Finish {
     }
 }
 
-/// A short batch waits at most this many batch windows for a busy upstream.
-const MAX_BUSY_WINDOWS: u32 = 20;
-
 /// One claim holds at most this many times `worker.batch_size` items.
 const MAX_CLAIM_ROUNDS: usize = 8;
 
@@ -144,7 +139,7 @@ impl Worker {
         let mut items: Vec<InboxItem> = Vec::new();
         let mut held: HashSet<InboxId> = HashSet::new();
         let mut asked: HashSet<(SourceKind, SourceId)> = HashSet::new();
-        let mut waited: u32 = 0;
+        let mut waited = false;
         loop {
             let claimed = self
                 .store
@@ -180,19 +175,10 @@ impl Worker {
             if full && fresh.iter().any(|i| short.contains(&i.source)) {
                 continue;
             }
-            // Wait once for the batch window; then keep gathering, a window at a time, while
-            // another request to the short source already waits for its rate limiter (a short
-            // request sent now would only queue behind it).
-            let busy = short
-                .iter()
-                .any(|k| self.sources.get(k).is_some_and(|s| s.upstream_busy()));
-            if !wait_for_batches || window.is_zero() || (waited > 0 && !busy) {
+            if !wait_for_batches || waited || window.is_zero() {
                 break;
             }
-            if waited >= MAX_BUSY_WINDOWS {
-                break;
-            }
-            waited += 1;
+            waited = true;
             tokio::time::sleep(window).await;
         }
         items.sort_by_key(|i| i.id);

@@ -123,10 +123,6 @@ impl Source for Healthie {
     fn batch_window(&self) -> Duration {
         self.batch_window
     }
-
-    fn upstream_busy(&self) -> bool {
-        self.client.upstream().live_waiting() > 0
-    }
 }
 
 /// What an inbox item asks for. Pure.
