@@ -101,7 +101,10 @@ async fn main() -> anyhow::Result<()> {
             SECRET.into(),
         ),
         ("PATIENT_SYNC_POLL__INTERVAL_SECS", "0".into()),
-        ("PATIENT_SYNC_POLL__HEALTHIE_SWEEP_INTERVAL_SECS", "0".into()),
+        (
+            "PATIENT_SYNC_POLL__HEALTHIE_SWEEP_INTERVAL_SECS",
+            "0".into(),
+        ),
         ("PATIENT_SYNC_LOG__LEVEL", "warn".into()),
     ]
     .into_iter()

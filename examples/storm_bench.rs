@@ -95,7 +95,10 @@ async fn main() -> anyhow::Result<()> {
         ),
         // Only the storm's refetches: no periodic sweep during the run.
         ("PATIENT_SYNC_POLL__INTERVAL_SECS".into(), "0".into()),
-        ("PATIENT_SYNC_POLL__HEALTHIE_SWEEP_INTERVAL_SECS".into(), "0".into()),
+        (
+            "PATIENT_SYNC_POLL__HEALTHIE_SWEEP_INTERVAL_SECS".into(),
+            "0".into(),
+        ),
     ];
     env.extend(overrides);
     let settings = Settings::load_from(None, &env)?;

@@ -152,4 +152,11 @@ pub trait Source: Send + Sync {
     fn batch_window(&self) -> std::time::Duration {
         std::time::Duration::ZERO
     }
+
+    /// For a batching source: the turn the process's workers take one at a time to claim and
+    /// fetch a batch, so a trickle of events becomes one full request rather than one small
+    /// request per worker queueing at the rate limiter. `None`: no turns.
+    fn fetch_turn(&self) -> Option<std::sync::Arc<tokio::sync::Mutex<()>>> {
+        None
+    }
 }

@@ -110,7 +110,37 @@ impl Worker {
     /// One batch; with `wait_for_batches` a short claim may wait for the sources' batch windows.
     #[instrument(skip_all, fields(owner = %self.owner))]
     async fn run_batch(&self, wait_for_batches: bool) -> Result<DrainSummary, StoreError> {
-        let items = self.claim(wait_for_batches).await?;
+        let mut items = self.claim(wait_for_batches).await?;
+        // Batching sources: one worker of the process at a time claims and fetches their
+        // batches. When another worker holds the turn, this one hands its items back (the claim's
+        // attempt is undone) and idles: the turn holder's next claim takes them into one
+        // request instead of a small one each queueing at the rate limiter. The turn is held
+        // until the batch is applied.
+        let mut turns = Vec::new();
+        if wait_for_batches {
+            let kinds: BTreeSet<SourceKind> = items
+                .iter()
+                .filter(|i| !self.fetch_ids(i).is_empty())
+                .map(|i| i.source)
+                .collect();
+            for kind in kinds {
+                if let Some(turn) = self.sources.get(&kind).and_then(|s| s.fetch_turn()) {
+                    match turn.try_lock_owned() {
+                        Ok(guard) => turns.push(guard),
+                        Err(_) => {
+                            self.store.release_leases(&self.owner).await?;
+                            return Ok(DrainSummary::default());
+                        }
+                    }
+                }
+            }
+            if !turns.is_empty() {
+                let held: HashSet<InboxId> = items.iter().map(|i| i.id).collect();
+                let more = self.claim(false).await?;
+                items.extend(more.into_iter().filter(|i| !held.contains(&i.id)));
+                items.sort_by_key(|i| i.id);
+            }
+        }
         let mut summary = DrainSummary {
             claimed: items.len() as u64,
             ..Default::default()
@@ -126,6 +156,7 @@ impl Worker {
             let part = self.process_source(source, items).await?;
             summary.add(&part);
         }
+        drop(turns);
         Ok(summary)
     }
 

@@ -32,6 +32,8 @@ pub use client::{ActiveStatus, HealthieClient, UserOrder, UserPage, UserSummary}
 pub struct Healthie {
     client: HealthieClient,
     batch_window: Duration,
+    /// Shared by every worker of the process (see `Source::fetch_turn`).
+    turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Healthie {
@@ -46,6 +48,7 @@ impl Healthie {
         Self {
             client: HealthieClient::new(upstream, settings),
             batch_window: Duration::from_millis(settings.batch_window_ms),
+            turn: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 
@@ -122,6 +125,10 @@ impl Source for Healthie {
 
     fn batch_window(&self) -> Duration {
         self.batch_window
+    }
+
+    fn fetch_turn(&self) -> Option<Arc<tokio::sync::Mutex<()>>> {
+        Some(self.turn.clone())
     }
 }
 
