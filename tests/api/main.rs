@@ -6,6 +6,7 @@ mod cli;
 mod crash;
 mod healthie_flow;
 mod helpers;
+mod identity_cli;
 mod identity_flow;
 mod pg;
 mod phi;
