@@ -5,13 +5,16 @@
 //! Shape, built for a million records on a small machine:
 //!
 //! 1. **Load** every source record in key order `(source, source_id)`, in pages, without its raw
-//!    payload (matching and survivorship read normalized fields only). Blocking keys are
-//!    computed in memory on every core and kept as 64-bit hashes in one sorted array
-//!    `(hash, record)`; a hash collision only adds a candidate that `decide` then turns down.
+//!    payload (matching and survivorship read normalized fields only). Each record is prepared
+//!    for matching once (`identity::Prepared`: normalized profile and trusted ids) on every
+//!    core, and its blocking keys, computed from that, are kept as 64-bit hashes in one sorted
+//!    array `(hash, record)`; a hash collision only adds a candidate that `decide` then turns
+//!    down.
 //!    Current links and rejected pairs are read in pages too.
 //! 2. **Cluster** in key order, the way records would arrive one by one: an admin-linked record
 //!    goes to its patient's cluster; a record an upstream merged away follows its surviving
-//!    record; any other record runs [`identity::decide`] against the clusters its keys reach.
+//!    record; any other record runs [`identity::decide_prepared`] (the same ladder as
+//!    `decide`, nothing normalized again) against the clusters its keys reach.
 //!    A cluster is rejected for a record when an admin rejected the pair in either direction.
 //! 3. **Name** each cluster: an admin's patient keeps its id; any other cluster takes the
 //!    patient most of its records are linked to now (largest first, each id used once), or a
@@ -32,7 +35,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tracing::{info, instrument};
 
-use crate::identity::{self, Candidate, LinkTarget};
+use crate::identity::{self, LinkTarget, PreparedCandidate};
 use crate::model::{PatientId, RecordStatus, SourceKey, SourceRecord};
 use crate::store::{
     Link, LinkEvent, LinkMethod, PatientRow, ReviewState, Store, StoreResult, StoreTx,
@@ -182,6 +185,8 @@ impl Fingerprint {
 /// Everything loaded for a rebuild.
 struct Loaded {
     records: Vec<SourceRecord>,
+    /// Each record normalized once for matching, in the order of `records`.
+    prepared: Vec<identity::Prepared>,
     /// Indexes into `records`, sorted by `SourceKey`'s own order, for lookups.
     by_key: Vec<u32>,
     /// Flat key hashes per record: `key_hashes[key_offsets[i]..key_offsets[i + 1]]`.
@@ -515,18 +520,20 @@ async fn load(
         .unwrap_or(1)
         .max(1);
     let chunk = records.len().div_ceil(threads).max(1);
-    let per_chunk: Vec<Vec<(Vec<u64>, Fingerprint)>> = std::thread::scope(|scope| {
+    type Computed = (identity::Prepared, Vec<u64>, Fingerprint);
+    let per_chunk: Vec<Vec<Computed>> = std::thread::scope(|scope| {
         let handles: Vec<_> = records
             .chunks(chunk)
             .map(|part| {
                 scope.spawn(|| {
                     part.iter()
                         .map(|r| {
-                            let keys = identity::record_blocking_keys(r, &settings.matching);
+                            let prepared = identity::Prepared::new(r, &settings.matching);
+                            let keys = prepared.record_blocking_keys();
                             let hashes: Vec<u64> = keys.iter().map(|k| hash_key(k)).collect();
                             let mut fp = Fingerprint::default();
                             hashes.iter().for_each(|&h| fp.add(h));
-                            (hashes, fp)
+                            (prepared, hashes, fp)
                         })
                         .collect()
                 })
@@ -540,8 +547,10 @@ async fn load(
     let mut key_hashes = Vec::new();
     let mut key_offsets = Vec::with_capacity(records.len() + 1);
     let mut fingerprints = Vec::with_capacity(records.len());
+    let mut prepared = Vec::with_capacity(records.len());
     key_offsets.push(0u32);
-    for (hashes, fp) in per_chunk.into_iter().flatten() {
+    for (p, hashes, fp) in per_chunk.into_iter().flatten() {
+        prepared.push(p);
         key_hashes.extend(hashes);
         key_offsets.push(key_hashes.len() as u32);
         fingerprints.push(fp);
@@ -558,6 +567,7 @@ async fn load(
     let mut loaded = Loaded {
         current: vec![None; records.len()],
         records,
+        prepared,
         by_key,
         key_hashes,
         key_offsets,
@@ -709,7 +719,6 @@ fn decide_one(
     decided: &mut [Option<Decided>],
     proposals: &mut Vec<(u32, u32, f64)>,
 ) {
-    let record = &loaded.records[i as usize];
     let mut reached: BTreeSet<u32> = BTreeSet::new();
     for &h in loaded.hashes(i) {
         let start = loaded.index.partition_point(|&(x, _)| x < h);
@@ -725,7 +734,7 @@ fn decide_one(
         }
     }
     let mine = loaded.current[i as usize].map(|c| c.patient);
-    let candidates: Vec<Candidate> = reached
+    let candidates: Vec<PreparedCandidate> = reached
         .iter()
         .map(|&c| {
             let cl = &clusters[c as usize];
@@ -735,12 +744,12 @@ fn decide_one(
                     loaded.current[m as usize].is_some_and(|cur| rejected_patient(cur.patient))
                         || mine.is_some_and(|p| loaded.rejected.contains(&(m, p)))
                 });
-            Candidate {
+            PreparedCandidate {
                 patient_id: PatientId(format!("{c:010}")),
                 records: cl
                     .members
                     .iter()
-                    .map(|&m| loaded.records[m as usize].clone())
+                    .map(|&m| &loaded.prepared[m as usize])
                     .collect(),
                 rejected,
             }
@@ -749,7 +758,11 @@ fn decide_one(
     let decision = if candidates.is_empty() {
         None
     } else {
-        Some(identity::decide(record, &candidates, &settings.matching))
+        Some(identity::decide_prepared(
+            &loaded.prepared[i as usize],
+            &candidates,
+            &settings.matching,
+        ))
     };
     let label = |p: &PatientId| {
         p.as_str()
