@@ -582,6 +582,15 @@ pub trait StoreTx: Send {
         now: DateTime<Utc>,
     ) -> StoreResult<()>;
     async fn commit(self: Box<Self>) -> StoreResult<()>;
+    /// [`StoreTx::save_link`] for many links in few statements (multi-row inserts). Keys must
+    /// be distinct.
+    async fn save_links(&mut self, links: &[(Link, LinkEvent)]) -> StoreResult<()>;
+    /// [`StoreTx::save_patient`] for many rows in few statements. Patient ids must be distinct.
+    async fn save_patients(&mut self, rows: &[(PatientRow, Vec<FieldSource>)]) -> StoreResult<()>;
+    /// [`StoreTx::replace_match_keys`] for many records in few statements. Keys must be
+    /// distinct.
+    async fn replace_match_keys_many(&mut self, items: &[(SourceKey, Vec<String>)])
+        -> StoreResult<()>;
 }
 
 /// Opens the store a `database.url` names (`sqlite:` or `postgres:`/`postgresql:`).

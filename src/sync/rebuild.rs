@@ -20,7 +20,7 @@
 //!    patient most of its records are linked to now (largest first, each id used once), or a
 //!    new id. So a record keeps its patient when the new decision agrees, and only links whose
 //!    decision changed move (with `link_events`).
-//! 4. **Write** in large transactions: moved and new links, canonical rows whose values changed
+//! 4. **Write** in large transactions with multi-row statements: moved and new links, canonical rows whose values changed
 //!    (compared like `refresh_patient`, so an unchanged row gets no new version), rows left
 //!    without records (`merged` into where their records went, else `deleted`), blocking keys
 //!    whose set changed, and review proposals (idempotent inserts).
@@ -38,7 +38,8 @@ use tracing::{info, instrument};
 use crate::identity::{self, LinkTarget, PreparedCandidate};
 use crate::model::{PatientId, RecordStatus, SourceKey, SourceRecord};
 use crate::store::{
-    Link, LinkEvent, LinkMethod, PatientRow, ReviewState, Store, StoreResult, StoreTx,
+    FieldSource, Link, LinkEvent, LinkMethod, PatientRow, ReviewState, Store, StoreResult,
+    StoreTx,
 };
 use crate::sync::apply::IdentitySettings;
 
@@ -295,13 +296,12 @@ pub async fn rebuild(
                     decided_by: "auto".into(),
                     at: now,
                 };
-                if let Some(tx) = writer.tx().await? {
-                    tx.save_link(&link, &event).await?;
-                }
-                writer.wrote().await?;
+                writer.link(link, event).await?;
             }
         }
     }
+
+    writer.flush().await?;
 
     // Review proposals: idempotent inserts, skipped for pairs already reviewed.
     for (record, cluster, score) in &proposals {
@@ -372,10 +372,7 @@ pub async fn rebuild(
                     );
                     if let Some(row) = next_row(golden.row, Some(&old), now) {
                         report.patients_updated += 1;
-                        if let Some(tx) = writer.tx().await? {
-                            tx.save_patient(&row, &golden.provenance).await?;
-                        }
-                        writer.wrote().await?;
+                        writer.patient(row, golden.provenance).await?;
                     }
                 }
                 None if old.status != "merged" && old.status != "deleted" => {
@@ -396,10 +393,7 @@ pub async fn rebuild(
                     row.updated_at = now;
                     row.version += 1;
                     report.patients_retired += 1;
-                    if let Some(tx) = writer.tx().await? {
-                        tx.save_patient(&row, &[]).await?;
-                    }
-                    writer.wrote().await?;
+                    writer.patient(row, Vec::new()).await?;
                 }
                 None => {}
             }
@@ -418,12 +412,11 @@ pub async fn rebuild(
         let golden = identity::golden_record(&patient_id, &members, &settings.survivorship, now);
         if let Some(row) = next_row(golden.row, None, now) {
             report.patients_created += 1;
-            if let Some(tx) = writer.tx().await? {
-                tx.save_patient(&row, &golden.provenance).await?;
-            }
-            writer.wrote().await?;
+            writer.patient(row, golden.provenance).await?;
         }
     }
+
+    writer.flush().await?;
 
     // Blocking keys: rewritten only for records whose key set changed.
     let mut stored: Vec<Option<Fingerprint>> = vec![None; loaded.records.len()];
@@ -445,11 +438,8 @@ pub async fn rebuild(
     for (i, record) in loaded.records.iter().enumerate() {
         if stored[i] != Some(loaded.fingerprints[i]) {
             report.match_keys_rewritten += 1;
-            if let Some(tx) = writer.tx().await? {
-                let keys = identity::record_blocking_keys(record, &settings.matching);
-                tx.replace_match_keys(&record.key, &keys).await?;
-            }
-            writer.wrote().await?;
+            let keys = loaded.prepared[i].record_blocking_keys();
+            writer.keys(record.key.clone(), keys).await?;
         }
     }
     writer.finish().await?;
@@ -868,13 +858,18 @@ fn name_clusters(
     names
 }
 
-/// Batches writes into large transactions; in a dry run it hands out no transaction.
+/// Batches writes into large transactions; in a dry run it hands out no transaction and
+/// buffers nothing. Links, canonical rows and blocking keys are buffered and written with the
+/// store's multi-row methods; each buffer is flushed when full and by [`Writer::flush`].
 struct Writer<'a> {
     store: &'a dyn Store,
     dry_run: bool,
     batch: usize,
     pending: usize,
     tx: Option<Box<dyn StoreTx>>,
+    links: Vec<(Link, LinkEvent)>,
+    patients: Vec<(PatientRow, Vec<FieldSource>)>,
+    keys: Vec<(SourceKey, Vec<String>)>,
 }
 
 impl<'a> Writer<'a> {
@@ -885,6 +880,9 @@ impl<'a> Writer<'a> {
             batch: options.batch_writes.max(1),
             pending: 0,
             tx: None,
+            links: Vec::new(),
+            patients: Vec::new(),
+            keys: Vec::new(),
         }
     }
 
@@ -899,7 +897,11 @@ impl<'a> Writer<'a> {
     }
 
     async fn wrote(&mut self) -> StoreResult<()> {
-        self.pending += 1;
+        self.wrote_n(1).await
+    }
+
+    async fn wrote_n(&mut self, n: usize) -> StoreResult<()> {
+        self.pending += n;
         if self.pending >= self.batch {
             self.pending = 0;
             if let Some(tx) = self.tx.take() {
@@ -909,7 +911,61 @@ impl<'a> Writer<'a> {
         Ok(())
     }
 
+    async fn link(&mut self, link: Link, event: LinkEvent) -> StoreResult<()> {
+        if !self.dry_run {
+            self.links.push((link, event));
+            if self.links.len() >= self.batch {
+                self.flush().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn patient(&mut self, row: PatientRow, provenance: Vec<FieldSource>) -> StoreResult<()> {
+        if !self.dry_run {
+            self.patients.push((row, provenance));
+            if self.patients.len() >= self.batch {
+                self.flush().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn keys(&mut self, key: SourceKey, keys: Vec<String>) -> StoreResult<()> {
+        if !self.dry_run {
+            self.keys.push((key, keys));
+            if self.keys.len() >= self.batch {
+                self.flush().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes every buffered item, links first, then rows, then keys.
+    async fn flush(&mut self) -> StoreResult<()> {
+        let links = std::mem::take(&mut self.links);
+        let patients = std::mem::take(&mut self.patients);
+        let keys = std::mem::take(&mut self.keys);
+        let n = links.len() + patients.len() + keys.len();
+        if n == 0 {
+            return Ok(());
+        }
+        if let Some(tx) = self.tx().await? {
+            if !links.is_empty() {
+                tx.save_links(&links).await?;
+            }
+            if !patients.is_empty() {
+                tx.save_patients(&patients).await?;
+            }
+            if !keys.is_empty() {
+                tx.replace_match_keys_many(&keys).await?;
+            }
+        }
+        self.wrote_n(n).await
+    }
+
     async fn finish(mut self) -> StoreResult<()> {
+        self.flush().await?;
         if let Some(tx) = self.tx.take() {
             tx.commit().await?;
         }
