@@ -1131,9 +1131,10 @@ macro_rules! impl_store {
     };
 }
 
-/// Bound parameters per multi-row statement: below SQLite's limit (32,766) and Postgres's
-/// (65,535).
-pub(crate) const BATCH_PARAMS: usize = 30_000;
+/// Bound parameters per multi-row statement. Small on purpose: the SQLite driver resolves each
+/// `$N` by name with a scan of the statement's parameters, so binding costs grow with the square
+/// of the parameter count; a few hundred keep that negligible and statements still few.
+pub(crate) const BATCH_PARAMS: usize = 240;
 
 /// `($1, $2), ($3, $4)` for `rows` rows of `cols` columns.
 pub(crate) fn placeholders(rows: usize, cols: usize) -> String {
