@@ -329,12 +329,12 @@ async fn main() -> anyhow::Result<()> {
                 set.len()
             );
             let mut tags: Vec<_> = tags.into_iter().collect();
-            tags.sort_by(|x, y| y.1.cmp(&x.1));
+            tags.sort_by_key(|x| std::cmp::Reverse(x.1));
             for (tag, n) in tags {
                 println!("  {n:>5}  {tag}");
             }
             let mut shapes: Vec<_> = shapes.into_iter().collect();
-            shapes.sort_by(|x, y| y.1.cmp(&x.1));
+            shapes.sort_by_key(|x| std::cmp::Reverse(x.1));
             println!("  most common comparisons (score, levels):");
             for (shape, n) in shapes.into_iter().take(25) {
                 println!("  {n:>5}  {shape}");

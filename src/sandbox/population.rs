@@ -1173,7 +1173,7 @@ impl Population {
             hint: SourceTable::default(),
             truth: BTreeMap::new(),
             perturbations: BTreeMap::new(),
-            extra_rng: StdRng::seed_from_u64(config.seed ^ 0x5eed_0f_ba5e),
+            extra_rng: StdRng::seed_from_u64(config.seed ^ 0x005e_ed0f_ba5e),
             next_healthie_id: 3_204_117,
             next_location_id: 812_340,
             next_policy_id: 95_210,

@@ -589,8 +589,10 @@ pub trait StoreTx: Send {
     async fn save_patients(&mut self, rows: &[(PatientRow, Vec<FieldSource>)]) -> StoreResult<()>;
     /// [`StoreTx::replace_match_keys`] for many records in few statements. Keys must be
     /// distinct.
-    async fn replace_match_keys_many(&mut self, items: &[(SourceKey, Vec<String>)])
-        -> StoreResult<()>;
+    async fn replace_match_keys_many(
+        &mut self,
+        items: &[(SourceKey, Vec<String>)],
+    ) -> StoreResult<()>;
 }
 
 /// Opens the store a `database.url` names (`sqlite:` or `postgres:`/`postgresql:`).

@@ -38,8 +38,7 @@ use tracing::{info, instrument};
 use crate::identity::{self, LinkTarget, PreparedCandidate};
 use crate::model::{PatientId, RecordStatus, SourceKey, SourceRecord};
 use crate::store::{
-    FieldSource, Link, LinkEvent, LinkMethod, PatientRow, ReviewState, Store, StoreResult,
-    StoreTx,
+    FieldSource, Link, LinkEvent, LinkMethod, PatientRow, ReviewState, Store, StoreResult, StoreTx,
 };
 use crate::sync::apply::IdentitySettings;
 
