@@ -3,7 +3,10 @@
 //! who changed surname or email) goes through the real conversion and apply path into SQLite, in
 //! a shuffled order, and the resulting links are scored pairwise against the truth.
 //!
-//! Run: `cargo bench --bench identity -- [--people N] [--seed S]`. Prints figures and the machine.
+//! Run: `cargo bench --bench identity -- [--people N] [--seed S] [--explain]
+//! [--link-without-dob]`. Prints figures and the machine; `--explain` adds the missed and false
+//! pairs grouped by the generator's perturbations and by comparison levels (levels and scores
+//! only, the data is synthetic); `--link-without-dob` turns on `identity.link_without_birth_date`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -11,11 +14,12 @@ use std::time::Instant;
 
 use chrono::Utc;
 use patient_sync::config::Settings;
+use patient_sync::identity::explain;
 use patient_sync::metrics::Metrics;
-use patient_sync::model::{SourceKey, SourceKind};
+use patient_sync::model::{SourceKey, SourceKind, SourceRecord};
 use patient_sync::sandbox::population::{Population, PopulationConfig};
 use patient_sync::sources::{healthie::Healthie, hint::Hint, intakeq::Intakeq, Source};
-use patient_sync::store;
+use patient_sync::store::{self, ReviewState};
 use patient_sync::sync::apply::{apply_record, IdentitySettings};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -157,7 +161,12 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     store.migrate().await?;
-    let identity = IdentitySettings::default();
+    let mut identity = IdentitySettings::default();
+    identity.matching.link_without_birth_date = std::env::args().any(|a| a == "--link-without-dob");
+    println!(
+        "identity.link_without_birth_date = {}",
+        identity.matching.link_without_birth_date
+    );
     let applying = Instant::now();
     for chunk in records.chunks(500) {
         let mut tx = store.begin().await?;
@@ -183,7 +192,69 @@ async fn main() -> anyhow::Result<()> {
         .into_iter()
         .filter(|(a, b)| seen.contains(a) && seen.contains(b))
         .collect();
-    let auto = score(&pairs(&clusters), &truth);
+    let auto_pairs = pairs(&clusters);
+    let auto = score(&auto_pairs, &truth);
+
+    // Auto-links plus what accepting every open review would add: the record with each record
+    // of the proposed patient (followed to its survivor when it was merged away).
+    let mut with_review = auto_pairs.clone();
+    let reviews = store
+        .list_reviews(Some(ReviewState::Open), u32::MAX)
+        .await?;
+    for review in &reviews {
+        let mut patient = review.patient_id.clone();
+        for _ in 0..8 {
+            match store.load_patient(&patient).await? {
+                Some(row) if row.merged_into.is_some() => patient = row.merged_into.unwrap(),
+                _ => break,
+            }
+        }
+        for other in clusters.get(&patient.0).into_iter().flatten() {
+            if *other != review.key {
+                let (a, b) = (review.key.clone(), other.clone());
+                with_review.insert(if a < b { (a, b) } else { (b, a) });
+            }
+        }
+    }
+    let reviewed = score(&with_review, &truth);
+    // Two records of one person in the same system never link automatically (only through the
+    // source's own merge or an admin), so recall is also shown for people without such a pair.
+    let duplicated: BTreeSet<_> = population
+        .persons()
+        .iter()
+        .filter(|p| {
+            let systems: BTreeSet<_> = p.records.iter().map(|k| k.source).collect();
+            systems.len() < p.records.len()
+        })
+        .map(|p| p.id)
+        .collect();
+    let truth_single: BTreeSet<(SourceKey, SourceKey)> = truth
+        .iter()
+        .filter(|(a, _)| {
+            population
+                .person_of(a)
+                .is_some_and(|p| !duplicated.contains(&p))
+        })
+        .cloned()
+        .collect();
+    let auto_single = score(
+        &auto_pairs
+            .iter()
+            .filter(|(a, b)| truth_single.contains(&(a.clone(), b.clone())))
+            .cloned()
+            .collect(),
+        &truth_single,
+    );
+    let false_merges = clusters
+        .values()
+        .filter(|keys| {
+            keys.iter()
+                .filter_map(|k| population.person_of(k))
+                .collect::<BTreeSet<_>>()
+                .len()
+                > 1
+        })
+        .count();
     let patients: i64 = store.count_patients().await?.iter().map(|(_, n)| n).sum();
 
     println!();
@@ -203,5 +274,92 @@ async fn main() -> anyhow::Result<()> {
         "auto-links             precision {:.4}  recall {:.4}  F1 {:.4}  false pairs {}",
         auto.precision, auto.recall, auto.f1, auto.false_pairs
     );
+    println!(
+        "auto-links + review    precision {:.4}  recall {:.4}  F1 {:.4}  false pairs {}  ({} open reviews)",
+        reviewed.precision,
+        reviewed.recall,
+        reviewed.f1,
+        reviewed.false_pairs,
+        reviews.len()
+    );
+    println!(
+        "auto-links, people without a same-system duplicate ({} pairs): recall {:.4}",
+        truth_single.len(),
+        auto_single.recall
+    );
+    println!("false merges           {false_merges} patients hold records of two or more people");
+
+    if std::env::args().any(|a| a == "--explain") {
+        let by_key: BTreeMap<&SourceKey, &SourceRecord> =
+            records.iter().map(|r| (&r.key, r)).collect();
+        let cfg = &identity.matching;
+        let describe = |label: &str, set: Vec<&(SourceKey, SourceKey)>| {
+            let mut tags: BTreeMap<String, usize> = BTreeMap::new();
+            let mut shapes: BTreeMap<String, usize> = BTreeMap::new();
+            for (a, b) in &set {
+                let mut t: BTreeSet<&str> = population
+                    .perturbations(a)
+                    .iter()
+                    .chain(population.perturbations(b))
+                    .map(|p| p.as_str())
+                    .collect();
+                if a.source == b.source {
+                    t.insert("same_source");
+                }
+                if t.is_empty() {
+                    t.insert("none");
+                }
+                for tag in t {
+                    *tags.entry(tag.to_string()).or_default() += 1;
+                }
+                let s = explain(&by_key[a].fields, &by_key[b].fields, cfg);
+                let shape = s
+                    .contributions
+                    .iter()
+                    .map(|c| format!("{}={}", c.field, c.level))
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                *shapes
+                    .entry(format!("{:>6.1} {shape}", s.total))
+                    .or_default() += 1;
+            }
+            println!();
+            println!(
+                "{label}: {} pairs; by perturbation (either record):",
+                set.len()
+            );
+            let mut tags: Vec<_> = tags.into_iter().collect();
+            tags.sort_by_key(|x| std::cmp::Reverse(x.1));
+            for (tag, n) in tags {
+                println!("  {n:>5}  {tag}");
+            }
+            let mut shapes: Vec<_> = shapes.into_iter().collect();
+            shapes.sort_by_key(|x| std::cmp::Reverse(x.1));
+            println!("  most common comparisons (score, levels):");
+            for (shape, n) in shapes.into_iter().take(25) {
+                println!("  {n:>5}  {shape}");
+            }
+        };
+        describe(
+            "missed by auto-links",
+            truth.difference(&auto_pairs).collect(),
+        );
+        describe(
+            "missed by auto-links, people without a same-system duplicate",
+            truth_single.difference(&auto_pairs).collect(),
+        );
+        describe(
+            "false pairs of auto-links",
+            auto_pairs.difference(&truth).collect(),
+        );
+        describe(
+            "missed even with review",
+            truth.difference(&with_review).collect(),
+        );
+        describe(
+            "false pairs with review",
+            with_review.difference(&truth).collect(),
+        );
+    }
     Ok(())
 }

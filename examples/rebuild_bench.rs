@@ -10,7 +10,7 @@ use chrono::{NaiveDate, TimeZone, Utc};
 use patient_sync::model::{
     Address, PersonFields, RecordStatus, SourceKey, SourceKind, SourceRecord,
 };
-use patient_sync::store;
+use patient_sync::store::{self, Store};
 use patient_sync::sync::apply::IdentitySettings;
 use patient_sync::sync::rebuild::{rebuild, RebuildOptions};
 use rand::rngs::StdRng;
@@ -110,7 +110,7 @@ fn name(stems: &[&str], rng: &mut StdRng, rare: f64) -> String {
     }
 }
 
-fn peak_rss_mib() -> f64 {
+pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -123,7 +123,8 @@ fn peak_rss_mib() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-fn record(key: SourceKey, p: u64, rng: &mut StdRng) -> SourceRecord {
+/// The record of synthetic person `p` under `key` (the same person gives the same fields).
+pub fn record(key: SourceKey, p: u64, rng: &mut StdRng) -> SourceRecord {
     let mut person = StdRng::seed_from_u64(p);
     // Name diversity close to a real population: a common stem plus a rare suffix for most.
     let given = name(GIVEN, &mut person, 0.5);
@@ -174,23 +175,9 @@ fn record(key: SourceKey, p: u64, rng: &mut StdRng) -> SourceRecord {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let n: usize = std::env::args()
-        .nth(1)
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(100_000);
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
-    let dir = tempfile::tempdir()?;
-    let url = format!("sqlite:{}", dir.path().join("bench.sqlite").display());
-    let store = store::connect(&url, 4).await?;
-    store.migrate().await?;
-
-    let started = Instant::now();
+/// Writes `n` source records of synthetic people (about 1.5 records each) into `store`, with
+/// no links: what a rebuild starts from. Returns the record and people counts.
+pub async fn fill(store: &dyn Store, n: usize) -> anyhow::Result<(usize, u64)> {
     let mut rng = StdRng::seed_from_u64(1);
     let mut written = 0usize;
     let mut p = 0u64;
@@ -220,6 +207,45 @@ async fn main() -> anyhow::Result<()> {
         p += 1;
     }
     tx.commit().await?;
+    Ok((written, p))
+}
+
+/// CPU model and core count of this machine.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    format!(
+        "{} cores, {cpu}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    )
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let n: usize = std::env::args()
+        .nth(1)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(100_000);
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let dir = tempfile::tempdir()?;
+    let url = format!("sqlite:{}", dir.path().join("bench.sqlite").display());
+    let store = store::connect(&url, 4).await?;
+    store.migrate().await?;
+
+    let started = Instant::now();
+    let (written, p) = fill(store.as_ref(), n).await?;
     let fill = started.elapsed();
 
     let settings = IdentitySettings::default();
@@ -232,20 +258,7 @@ async fn main() -> anyhow::Result<()> {
     let second = rebuild(store.as_ref(), &settings, &options, Utc::now()).await?;
     let second_secs = t.elapsed().as_secs_f64();
 
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
-    println!(
-        "machine: {} cores, {cpu}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    );
+    println!("machine: {}", machine());
     println!(
         "records: {written} ({p} people) written in {:.1}s",
         fill.as_secs_f64()

@@ -79,6 +79,8 @@ pub struct IdentityConfig {
     pub source_priority: Vec<String>,
     #[serde(default)]
     pub field_priority: std::collections::BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    pub link_without_birth_date: bool,
 }
 
 /// Canonical fields survivorship ranks (the address is one unit).
@@ -110,6 +112,7 @@ impl IdentityConfig {
                 shared_phones: self.shared_phones.clone(),
                 shared_emails: self.shared_emails.clone(),
                 default_region: self.default_region.clone(),
+                link_without_birth_date: self.link_without_birth_date,
             },
             survivorship: crate::identity::SurvivorshipConfig {
                 field_priority: self

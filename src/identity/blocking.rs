@@ -7,7 +7,8 @@
 //! produce no key):
 //! - `em:<email>`
 //! - `ph:<e164>`, one per phone
-//! - `df:<dob>|<soundex of family name>`: whole family name and each word of a multi-part one
+//! - `df:<dob>|<soundex of family name>`: whole family name and each word of a multi-part one,
+//!   and the legal given name too (a record with the two names swapped)
 //! - `dg:<dob>|<initial>`: initials of the given and preferred names and of their formal names
 //!   (Bob -> b and r)
 //! - `nm:<family word>|<formal given name>`: so a record without a birth date (on either side)
@@ -36,6 +37,13 @@ const MAX_FAMILY_WORDS: usize = 3;
 pub fn blocking_keys(fields: &PersonFields, cfg: &MatchConfig) -> Vec<String> {
     let ctx = Context::new(cfg);
     let profile = Profile::new(fields, &ctx);
+    profile_keys(&profile, &trusted_ids(fields, cfg))
+        .into_iter()
+        .collect()
+}
+
+/// The keys of a normalized profile and its trusted ids.
+pub(crate) fn profile_keys(profile: &Profile, ids: &[(String, String)]) -> BTreeSet<String> {
     let mut keys = BTreeSet::new();
 
     if let Some(email) = &profile.email {
@@ -77,6 +85,15 @@ pub fn blocking_keys(fields: &PersonFields, cfg: &MatchConfig) -> Vec<String> {
                 keys.insert(format!("df:{date}|{code}"));
             }
         }
+        // The legal given name in the same family of keys, so a record with given and family
+        // name swapped meets its match.
+        if let Some(code) = profile
+            .given
+            .first()
+            .and_then(|g| normalize::soundex(&g.joined))
+        {
+            keys.insert(format!("df:{date}|{code}"));
+        }
         for initial in &initials {
             keys.insert(format!("dg:{date}|{initial}"));
         }
@@ -90,10 +107,10 @@ pub fn blocking_keys(fields: &PersonFields, cfg: &MatchConfig) -> Vec<String> {
         }
     }
 
-    for (system, value) in trusted_ids(fields, cfg) {
-        keys.insert(id_key(&system, &value));
+    for (system, value) in ids {
+        keys.insert(id_key(system, value));
     }
-    keys.into_iter().collect()
+    keys
 }
 
 /// [`blocking_keys`] plus the key naming the record itself (`src:<source>:<id>`), which is how

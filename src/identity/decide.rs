@@ -2,7 +2,10 @@
 //!
 //! 1. Explicit ids: a trusted external id that names a candidate's record (or that a
 //!    candidate's record carries for this one, or that both carry) links with `ExplicitId`.
-//! 2. Deterministic rules (`email_dob_name`, `phone_dob_name`, `name_dob_zip`) link with `Rule`.
+//! 2. Deterministic rules (`email_dob_name`, `phone_dob_name`, `name_dob_zip`,
+//!    `given_dob_contact` for a changed surname, and, when
+//!    `link_without_birth_date` is set, `name_email_contact` for a record without a birth
+//!    date) link with `Rule`.
 //! 3. The probabilistic score: at or above `match_threshold` links with `Score`; between the
 //!    two thresholds proposes a review; below does nothing.
 //!
@@ -10,7 +13,8 @@
 //! - a candidate that already has a live record from the incoming record's source;
 //! - a rule or score link without a compatible given name, an agreeing birth date (equal, day
 //!   and month swapped, or a day apart) and no sex disagreement: twins and relatives sharing a
-//!   phone or email never qualify;
+//!   phone or email never qualify. The one exception is the opt-in `name_email_contact`, for a
+//!   record without a birth date: the same full name, email and phone or address;
 //! - an explicit id contradicted by the given name or the birth date (a mistyped id);
 //! - two candidates qualifying on the same rung with close scores.
 //!
@@ -23,9 +27,12 @@ use serde::{Deserialize, Serialize};
 
 use super::blocking::trusted_ids;
 use super::score::{
-    Comparison, Context, Profile, RULE_EMAIL_DOB_NAME, RULE_NAME_DOB_ZIP, RULE_PHONE_DOB_NAME,
+    Comparison, Context, Profile, RULE_EMAIL_DOB_NAME, RULE_GIVEN_DOB_CONTACT, RULE_NAME_DOB_ZIP,
+    RULE_NAME_EMAIL_CONTACT, RULE_PHONE_DOB_NAME,
 };
-use crate::model::{PatientId, SourceKind, SourceRecord};
+use chrono::{DateTime, Utc};
+
+use crate::model::{PatientId, RecordStatus, SourceKey, SourceKind, SourceRecord};
 use crate::store::LinkMethod;
 
 /// Two candidates on the same rung whose scores are closer than this (in bits, a factor of
@@ -33,7 +40,13 @@ use crate::store::LinkMethod;
 pub const AMBIGUITY_MARGIN_BITS: f64 = 4.0;
 
 /// Deterministic rules, strongest first.
-const RULES: [&str; 3] = [RULE_EMAIL_DOB_NAME, RULE_PHONE_DOB_NAME, RULE_NAME_DOB_ZIP];
+const RULES: [&str; 5] = [
+    RULE_EMAIL_DOB_NAME,
+    RULE_PHONE_DOB_NAME,
+    RULE_NAME_DOB_ZIP,
+    RULE_GIVEN_DOB_CONTACT,
+    RULE_NAME_EMAIL_CONTACT,
+];
 
 /// Matching settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,6 +65,10 @@ pub struct MatchConfig {
     pub shared_emails: Vec<String>,
     /// ISO 3166 region for phone numbers without a country code.
     pub default_region: String,
+    /// Allow the `name_email_contact` rule: a record without a birth date links on the same
+    /// full name, email and phone or address. Off by default: a namesake relative sharing the
+    /// family's email and phone (a father and his junior) cannot be told apart without a date.
+    pub link_without_birth_date: bool,
 }
 
 impl Default for MatchConfig {
@@ -66,6 +83,7 @@ impl Default for MatchConfig {
             shared_phones: Vec::new(),
             shared_emails: Vec::new(),
             default_region: super::normalize::DEFAULT_REGION.to_string(),
+            link_without_birth_date: false,
         }
     }
 }
@@ -147,20 +165,94 @@ struct Assessment<'a> {
     contradicted_id: bool,
 }
 
+/// A source record prepared for matching once: its normalized profile and trusted ids, so a
+/// caller that compares it many times (rebuild) does not normalize it again for every pair.
+pub struct Prepared {
+    pub key: SourceKey,
+    pub status: RecordStatus,
+    version: (Option<DateTime<Utc>>, DateTime<Utc>),
+    profile: Profile,
+    ids: Vec<(String, String)>,
+}
+
+impl Prepared {
+    pub fn new(record: &SourceRecord, cfg: &MatchConfig) -> Self {
+        Self::with_context(record, &Context::new(cfg), cfg)
+    }
+
+    fn with_context(record: &SourceRecord, ctx: &Context<'_>, cfg: &MatchConfig) -> Self {
+        Prepared {
+            key: record.key.clone(),
+            status: record.status,
+            version: record.version_key(),
+            profile: Profile::new(&record.fields, ctx),
+            ids: trusted_ids(&record.fields, cfg),
+        }
+    }
+}
+
+impl Prepared {
+    /// The same keys as [`super::record_blocking_keys`], from the prepared profile.
+    pub fn record_blocking_keys(&self) -> Vec<String> {
+        let mut keys = super::blocking::profile_keys(&self.profile, &self.ids);
+        keys.insert(format!("src:{}:{}", self.key.source, self.key.id));
+        keys.into_iter().collect()
+    }
+}
+
+impl fmt::Debug for Prepared {
+    /// The key only: the profile is PHI.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Prepared").field("key", &self.key).finish()
+    }
+}
+
+/// A candidate patient whose records are already prepared.
+pub struct PreparedCandidate<'a> {
+    pub patient_id: PatientId,
+    pub records: Vec<&'a Prepared>,
+    pub rejected: bool,
+}
+
 /// Decides where `incoming` belongs among `candidates`. Pure and deterministic: the order of
 /// candidates and of their records does not matter. A candidate record with the incoming
 /// record's own key is ignored (a record is not evidence for itself).
 pub fn decide(incoming: &SourceRecord, candidates: &[Candidate], cfg: &MatchConfig) -> Decision {
     let ctx = Context::new(cfg);
-    let me = Profile::new(&incoming.fields, &ctx);
-    let my_ids = trusted_ids(&incoming.fields, cfg);
+    let me = Prepared::with_context(incoming, &ctx, cfg);
+    let prepared: Vec<Vec<Prepared>> = candidates
+        .iter()
+        .map(|c| {
+            c.records
+                .iter()
+                .map(|r| Prepared::with_context(r, &ctx, cfg))
+                .collect()
+        })
+        .collect();
+    let views: Vec<PreparedCandidate> = candidates
+        .iter()
+        .zip(&prepared)
+        .map(|(c, records)| PreparedCandidate {
+            patient_id: c.patient_id.clone(),
+            records: records.iter().collect(),
+            rejected: c.rejected,
+        })
+        .collect();
+    decide_prepared(&me, &views, cfg)
+}
 
-    let mut grouped: BTreeMap<&PatientId, (Vec<&SourceRecord>, bool)> = BTreeMap::new();
+/// [`decide`] over prepared records: the same decision, without normalizing anything.
+pub fn decide_prepared(
+    me: &Prepared,
+    candidates: &[PreparedCandidate<'_>],
+    cfg: &MatchConfig,
+) -> Decision {
+    let mut grouped: BTreeMap<&PatientId, (Vec<&Prepared>, bool)> = BTreeMap::new();
     for c in candidates {
         let entry = grouped.entry(&c.patient_id).or_default();
         entry
             .0
-            .extend(c.records.iter().filter(|r| r.key != incoming.key));
+            .extend(c.records.iter().copied().filter(|r| r.key != me.key));
         entry.1 |= c.rejected;
     }
 
@@ -171,18 +263,12 @@ pub fn decide(incoming: &SourceRecord, candidates: &[Candidate], cfg: &MatchConf
             continue;
         }
         // Newest snapshot first within a key, so duplicates collapse the same way every time.
-        records.sort_by(|a, b| {
-            a.key
-                .cmp(&b.key)
-                .then_with(|| b.version_key().cmp(&a.version_key()))
-        });
+        records.sort_by(|a, b| a.key.cmp(&b.key).then_with(|| b.version.cmp(&a.version)));
         records.dedup_by(|a, b| a.key == b.key);
         if records.is_empty() {
             continue;
         }
-        assessed.push(assess(
-            incoming, &me, &my_ids, patient_id, &records, &ctx, cfg,
-        ));
+        assessed.push(assess(me, patient_id, &records, cfg));
     }
 
     let mut auto: Vec<&Assessment> = assessed
@@ -240,12 +326,9 @@ pub fn decide(incoming: &SourceRecord, candidates: &[Candidate], cfg: &MatchConf
 }
 
 fn assess<'a>(
-    incoming: &SourceRecord,
-    me: &Profile,
-    my_ids: &[(String, String)],
+    me: &Prepared,
     patient_id: &'a PatientId,
-    records: &[&SourceRecord],
-    ctx: &Context<'_>,
+    records: &[&Prepared],
     cfg: &MatchConfig,
 ) -> Assessment<'a> {
     let mut score = f64::NEG_INFINITY;
@@ -253,20 +336,21 @@ fn assess<'a>(
     let mut score_qualifies = false;
     let mut all_contradict = true;
     for record in records {
-        let cmp = Comparison::new(me, &Profile::new(&record.fields, ctx));
+        let cmp = Comparison::new(&me.profile, &record.profile);
         let total = cmp.score().total;
         score = score.max(total);
         if cmp.allows_auto_link() && total >= cfg.match_threshold {
             score_qualifies = true;
         }
-        if let Some(name) = cmp.rule() {
+        let allowed = |name: &&str| *name != RULE_NAME_EMAIL_CONTACT || cfg.link_without_birth_date;
+        if let Some(name) = cmp.rule().filter(allowed) {
             let idx = RULES.iter().position(|r| *r == name).unwrap_or(RULES.len());
             rule = Some(rule.map_or(idx, |r| r.min(idx)));
         }
         all_contradict &= cmp.contradicts();
     }
 
-    let explicit = explicit_id(incoming, my_ids, records, cfg);
+    let explicit = explicit_id(me, records);
     let contradicted_id = explicit.is_some() && all_contradict;
     let (rung, rule) = match (explicit, rule) {
         (Some(system), _) if !contradicted_id => (
@@ -280,7 +364,7 @@ fn assess<'a>(
     // At most one live record per source per patient.
     let same_source = records
         .iter()
-        .any(|r| r.status.is_live() && r.key.source == incoming.key.source);
+        .any(|r| r.status.is_live() && r.key.source == me.key.source);
     Assessment {
         patient_id,
         rung,
@@ -293,22 +377,17 @@ fn assess<'a>(
 
 /// The trusted system through which an explicit id ties `incoming` to one of `records`: the
 /// incoming record names a record, a record names the incoming one, or both carry the same id.
-fn explicit_id(
-    incoming: &SourceRecord,
-    my_ids: &[(String, String)],
-    records: &[&SourceRecord],
-    cfg: &MatchConfig,
-) -> Option<String> {
+fn explicit_id(me: &Prepared, records: &[&Prepared]) -> Option<String> {
     let names = |(system, value): &(String, String), key: &crate::model::SourceKey| {
         system.parse::<SourceKind>().ok() == Some(key.source) && value == key.id.as_str()
     };
     for record in records {
-        if let Some(id) = my_ids.iter().find(|id| names(id, &record.key)) {
+        if let Some(id) = me.ids.iter().find(|id| names(id, &record.key)) {
             return Some(id.0.clone());
         }
-        for id in trusted_ids(&record.fields, cfg) {
-            if names(&id, &incoming.key) || my_ids.contains(&id) {
-                return Some(id.0);
+        for id in &record.ids {
+            if names(id, &me.key) || me.ids.contains(id) {
+                return Some(id.0.clone());
             }
         }
     }

@@ -23,7 +23,10 @@ mod survivorship;
 mod tests;
 
 pub use blocking::{blocking_keys, record_blocking_keys};
-pub use decide::{decide, Candidate, Decision, LinkTarget, MatchConfig, ReviewProposal};
+pub use decide::{
+    decide, decide_prepared, Candidate, Decision, LinkTarget, MatchConfig, Prepared,
+    PreparedCandidate, ReviewProposal,
+};
 pub use normalize::{normalize_email, phone_e164};
 pub use score::{explain, Contribution, MatchScore};
 pub use survivorship::{golden_record, Golden, SurvivorshipConfig};

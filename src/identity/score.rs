@@ -33,6 +33,7 @@ const FAMILY_EXACT: MU = (0.85, 0.002); // +8.73
 const FAMILY_TOKEN: MU = (0.04, 0.001); // +5.32 shares a word of a multi-part surname
 const FAMILY_FUZZY: MU = (0.05, 0.003); // +4.06 Jaro-Winkler >= 0.9 or one edit
 const FAMILY_DISAGREE: MU = (0.06, 0.994); // -4.05 (marriage, hyphenation)
+const FAMILY_SWAPPED: MU = (0.01, 0.00005); // +7.64 given and family crosswise equal
 
 const DOB_EXACT: MU = (0.92, 0.0002); // +12.17
 const DOB_TRANSPOSED: MU = (0.01, 0.0001); // +6.64 day and month swapped
@@ -245,6 +246,9 @@ pub(crate) struct Comparison {
     pub address: AddressLevel,
     /// Both ZIP codes present and equal.
     pub zip_agrees: bool,
+    /// Given and family name were entered in each other's fields on one side; `given` and
+    /// `family` then hold the crosswise levels.
+    pub names_swapped: bool,
 }
 
 impl Comparison {
@@ -253,9 +257,20 @@ impl Comparison {
             (a.address.as_ref().and_then(|x| x.zip.as_ref()), b.address.as_ref().and_then(|x| x.zip.as_ref())),
             (Some(x), Some(y)) if x == y
         );
+        let mut given = compare_given(&a.given, &b.given);
+        let mut family = compare_family(a.family.as_ref(), b.family.as_ref());
+        let names_swapped = given == NameLevel::Disagree
+            && family == NameLevel::Disagree
+            && (names_cross(a, b) && names_cross(b, a));
+        if names_swapped {
+            // Exact crosswise agreement of both names; scored a notch below a plain match.
+            given = NameLevel::Alias;
+            family = NameLevel::Exact;
+        }
         Comparison {
-            given: compare_given(&a.given, &b.given),
-            family: compare_family(a.family.as_ref(), b.family.as_ref()),
+            given,
+            family,
+            names_swapped,
             birth_date: compare_dates(a.birth_date, b.birth_date),
             sex: agreement(a.sex, b.sex),
             email: agreement(a.email.as_deref(), b.email.as_deref()),
@@ -305,6 +320,14 @@ impl Comparison {
 
     /// The first deterministic rule this pair satisfies.
     pub fn rule(&self) -> Option<&'static str> {
+        // No birth date on one side: the same full name, the same personal email and one more
+        // contact in common. Relatives sharing contacts differ in given name; the ambiguity
+        // guard in `decide` sends a namesake father and son (two candidates) to review.
+        let no_dob_names = self.birth_date == DateLevel::Missing
+            && matches!(self.given, NameLevel::Exact | NameLevel::Alias)
+            && self.family == NameLevel::Exact
+            && !self.names_swapped
+            && self.sex != Agreement::Disagree;
         let names_dob = self.given_compatible()
             && self.family_compatible()
             && self.birth_date == DateLevel::Exact
@@ -319,6 +342,22 @@ impl Comparison {
             && self.family == NameLevel::Exact;
         if strict_names && names_dob && self.zip_agrees {
             return Some(RULE_NAME_DOB_ZIP);
+        }
+        // A changed or hyphenated surname: the same given name and birth date with a personal
+        // contact in common. Twins differ in given name, other relatives in birth date.
+        if self.given == NameLevel::Exact
+            && !self.names_swapped
+            && self.birth_date == DateLevel::Exact
+            && self.sex != Agreement::Disagree
+            && (self.email == Agreement::Agree || self.phone == Agreement::Agree)
+        {
+            return Some(RULE_GIVEN_DOB_CONTACT);
+        }
+        if no_dob_names
+            && self.email == Agreement::Agree
+            && (self.phone == Agreement::Agree || self.address == AddressLevel::Exact)
+        {
+            return Some(RULE_NAME_EMAIL_CONTACT);
         }
         None
     }
@@ -339,6 +378,7 @@ impl Comparison {
             });
         };
         let (level, mu) = match self.given {
+            _ if self.names_swapped => ("swapped", Some(GIVEN_ALIAS)),
             NameLevel::Exact => ("exact", Some(GIVEN_EXACT)),
             NameLevel::Alias => ("nickname", Some(GIVEN_ALIAS)),
             NameLevel::Fuzzy => ("fuzzy", Some(GIVEN_FUZZY)),
@@ -348,6 +388,7 @@ impl Comparison {
         };
         push("given_name", level, mu);
         let (level, mu) = match self.family {
+            _ if self.names_swapped => ("swapped", Some(FAMILY_SWAPPED)),
             NameLevel::Exact => ("exact", Some(FAMILY_EXACT)),
             NameLevel::Token => ("token", Some(FAMILY_TOKEN)),
             NameLevel::Fuzzy | NameLevel::Alias | NameLevel::Initial => {
@@ -405,6 +446,15 @@ impl Comparison {
 pub(crate) const RULE_EMAIL_DOB_NAME: &str = "email_dob_name";
 pub(crate) const RULE_PHONE_DOB_NAME: &str = "phone_dob_name";
 pub(crate) const RULE_NAME_DOB_ZIP: &str = "name_dob_zip";
+pub(crate) const RULE_NAME_EMAIL_CONTACT: &str = "name_email_contact";
+pub(crate) const RULE_GIVEN_DOB_CONTACT: &str = "given_dob_contact";
+
+/// `a`'s given name (legal or preferred) written as `b`'s family name.
+fn names_cross(a: &Profile, b: &Profile) -> bool {
+    b.family
+        .as_ref()
+        .is_some_and(|f| a.given.iter().any(|g| g.joined == f.joined))
+}
 
 fn agreement_weight(a: Agreement, agree: MU, disagree: MU) -> (&'static str, Option<MU>) {
     match a {

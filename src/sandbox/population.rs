@@ -101,6 +101,8 @@ pub struct Noise {
     pub placeholder: f64,
     /// For people who changed surname or email: the record keeps the old one.
     pub stale_value: f64,
+    /// Given and family name entered in each other's fields.
+    pub swapped_names: f64,
 }
 
 impl Default for Noise {
@@ -117,6 +119,7 @@ impl Default for Noise {
             email_case: 0.10,
             placeholder: 0.02,
             stale_value: 0.5,
+            swapped_names: 0.01,
         }
     }
 }
@@ -136,6 +139,7 @@ impl Noise {
             email_case: 0.0,
             placeholder: 0.0,
             stale_value: 0.0,
+            swapped_names: 0.0,
         }
     }
 }
@@ -188,6 +192,63 @@ impl Default for PopulationConfig {
             archived_share: 0.07,
             intakeq_dob_previous_day_share: 0.03,
             now: Utc.with_ymd_and_hms(2026, 3, 2, 17, 0, 0).unwrap(),
+        }
+    }
+}
+
+/// A difference between a record and the person it describes, as the generator applied it.
+/// Benchmarks group missed matches by these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Perturbation {
+    Nickname,
+    /// The record also carries the legal first name next to the nickname.
+    NicknameWithLegal,
+    StaleSurname,
+    PartialSurname,
+    AccentLoss,
+    GivenTypo,
+    FamilyTypo,
+    UpperCase,
+    SwappedNames,
+    MissingBirthDate,
+    PlaceholderBirthDate,
+    SwappedDayMonth,
+    BirthDateOffByOne,
+    StaleEmail,
+    MissingEmail,
+    PlaceholderEmail,
+    EmailCase,
+    MissingMobile,
+    PlaceholderMobile,
+    MissingAddress,
+    MissingSex,
+}
+
+impl Perturbation {
+    pub fn as_str(self) -> &'static str {
+        use Perturbation::*;
+        match self {
+            Nickname => "nickname",
+            NicknameWithLegal => "nickname_with_legal",
+            StaleSurname => "stale_surname",
+            PartialSurname => "partial_surname",
+            AccentLoss => "accent_loss",
+            GivenTypo => "given_typo",
+            FamilyTypo => "family_typo",
+            UpperCase => "upper_case",
+            SwappedNames => "swapped_names",
+            MissingBirthDate => "missing_birth_date",
+            PlaceholderBirthDate => "placeholder_birth_date",
+            SwappedDayMonth => "swapped_day_month",
+            BirthDateOffByOne => "birth_date_off_by_one",
+            StaleEmail => "stale_email",
+            MissingEmail => "missing_email",
+            PlaceholderEmail => "placeholder_email",
+            EmailCase => "email_case",
+            MissingMobile => "missing_mobile",
+            PlaceholderMobile => "placeholder_mobile",
+            MissingAddress => "missing_address",
+            MissingSex => "missing_sex",
         }
     }
 }
@@ -320,6 +381,11 @@ pub struct Population {
     intakeq: SourceTable,
     hint: SourceTable,
     truth: BTreeMap<SourceKey, PersonId>,
+    /// The differences each record got from its person, for analysing missed matches.
+    perturbations: BTreeMap<SourceKey, Vec<Perturbation>>,
+    /// A second random stream for noise added later, so that adding it left the main stream
+    /// (and every population generated before) unchanged where it does not apply.
+    extra_rng: StdRng,
     next_healthie_id: u64,
     next_location_id: u64,
     next_policy_id: u64,
@@ -835,6 +901,7 @@ struct View {
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
     timezone: &'static str,
+    perturbations: Vec<Perturbation>,
 }
 
 #[derive(Debug, Clone)]
@@ -1105,6 +1172,8 @@ impl Population {
             intakeq: SourceTable::default(),
             hint: SourceTable::default(),
             truth: BTreeMap::new(),
+            perturbations: BTreeMap::new(),
+            extra_rng: StdRng::seed_from_u64(config.seed ^ 0x005e_ed0f_ba5e),
             next_healthie_id: 3_204_117,
             next_location_id: 812_340,
             next_policy_id: 95_210,
@@ -1371,6 +1440,7 @@ impl Population {
         let p = self.persons[(person.0 - 1) as usize].clone();
         let n = self.config.noise.clone();
         let rng = &mut self.rng;
+        let mut tags = Vec::new();
         let mut first = p.given_name.clone();
         let mut legal_first = None;
         if let Some(g) = GIVEN_NAMES.iter().find(|g| g.name == p.given_name) {
@@ -1378,21 +1448,31 @@ impl Population {
                 first = g.nicknames.choose(rng).unwrap().to_string();
                 if rng.gen_bool(0.6) {
                     legal_first = Some(p.given_name.clone());
+                    tags.push(Perturbation::NicknameWithLegal);
+                } else {
+                    tags.push(Perturbation::Nickname);
                 }
             }
         }
         let mut family = match &p.previous_family_name {
-            Some(old) if rng.gen_bool(n.stale_value) => old.clone(),
+            Some(old) if rng.gen_bool(n.stale_value) => {
+                tags.push(Perturbation::StaleSurname);
+                old.clone()
+            }
             _ => p.family_name.clone(),
         };
         if is_compound(&family) && rng.gen_bool(n.partial_surname) {
             family = partial_surname(rng, &family);
+            tags.push(Perturbation::PartialSurname);
         }
         let accent_p = match system {
             SourceKind::Healthie => n.accent_loss / 5.0,
             _ => n.accent_loss,
         };
         if rng.gen_bool(accent_p) {
+            if strip_accents(&first) != first || strip_accents(&family) != family {
+                tags.push(Perturbation::AccentLoss);
+            }
             first = strip_accents(&first);
             family = strip_accents(&family);
             legal_first = legal_first.map(|l| strip_accents(&l));
@@ -1400,19 +1480,24 @@ impl Population {
         if rng.gen_bool(n.typo) {
             if rng.gen_bool(0.5) {
                 first = typo(rng, &first);
+                tags.push(Perturbation::GivenTypo);
             } else {
                 family = typo(rng, &family);
+                tags.push(Perturbation::FamilyTypo);
             }
         }
         if rng.gen_bool(n.upper_case) {
             first = first.to_uppercase();
             family = family.to_uppercase();
+            tags.push(Perturbation::UpperCase);
         }
         let mut dob = Some(p.birth_date);
         if rng.gen_bool(n.missing_field) {
             dob = None;
+            tags.push(Perturbation::MissingBirthDate);
         } else if rng.gen_bool(n.placeholder / 2.0) {
             dob = NaiveDate::from_ymd_opt(PLACEHOLDER_DOB.0, PLACEHOLDER_DOB.1, PLACEHOLDER_DOB.2);
+            tags.push(Perturbation::PlaceholderBirthDate);
         } else if p.birth_date.day() <= 12
             && p.birth_date.day() != p.birth_date.month()
             && rng.gen_bool(n.swapped_dob)
@@ -1422,35 +1507,61 @@ impl Population {
                 p.birth_date.day(),
                 p.birth_date.month(),
             );
+            tags.push(Perturbation::SwappedDayMonth);
         } else if rng.gen_bool(n.dob_off_by_one) {
             dob = Some(p.birth_date + Duration::days(if rng.gen_bool(0.5) { 1 } else { -1 }));
+            tags.push(Perturbation::BirthDateOffByOne);
         }
         let mut email = match &p.previous_email {
-            Some(old) if rng.gen_bool(n.stale_value) => Some(old.clone()),
+            Some(old) if rng.gen_bool(n.stale_value) => {
+                tags.push(Perturbation::StaleEmail);
+                Some(old.clone())
+            }
             _ => p.email.clone(),
         };
         if rng.gen_bool(n.missing_field) {
+            if email.is_some() {
+                tags.push(Perturbation::MissingEmail);
+            }
             email = None;
         } else if rng.gen_bool(n.placeholder) {
             email = Some(PLACEHOLDER_EMAILS.choose(rng).unwrap().to_string());
+            tags.push(Perturbation::PlaceholderEmail);
         } else if let Some(e) = &email {
             if rng.gen_bool(n.email_case) {
                 email = Some(random_case(rng, e));
+                tags.push(Perturbation::EmailCase);
             }
         }
         let mut mobile = p.mobile_phone.clone();
         if rng.gen_bool(n.missing_field) {
+            if mobile.is_some() {
+                tags.push(Perturbation::MissingMobile);
+            }
             mobile = None;
         } else if rng.gen_bool(n.placeholder / 2.0) {
             mobile = Some(PLACEHOLDER_PHONE.to_string());
+            tags.push(Perturbation::PlaceholderMobile);
         }
         let home = p.home_phone.clone().filter(|_| !rng.gen_bool(0.3));
         let address = (!rng.gen_bool(n.missing_field * 1.5))
             .then(|| render_address(rng, &p.address, n != Noise::none()));
+        if address.is_none() {
+            tags.push(Perturbation::MissingAddress);
+        }
         let sex = (!rng.gen_bool(n.missing_field)).then_some(p.sex);
+        if sex.is_none() {
+            tags.push(Perturbation::MissingSex);
+        }
         let archived = rng.gen_bool(self.config.archived_share.clamp(0.0, 1.0));
         let age_days = (self.config.now - created_at).num_seconds().max(1);
         let updated_at = created_at + Duration::seconds(rng.gen_range(0..age_days));
+        // Noise added later draws from its own stream (see `extra_rng`).
+        if self.extra_rng.gen_bool(n.swapped_names.clamp(0.0, 1.0)) {
+            std::mem::swap(&mut first, &mut family);
+            legal_first = None;
+            tags.push(Perturbation::SwappedNames);
+        }
         View {
             first,
             legal_first,
@@ -1466,6 +1577,7 @@ impl Population {
             created_at,
             updated_at: updated_at.min(self.config.now),
             timezone: CITIES[p.address.city].timezone,
+            perturbations: tags,
         }
     }
 
@@ -1546,6 +1658,7 @@ impl Population {
             .records
             .push(key.clone());
         self.truth.insert(key.clone(), person);
+        self.perturbations.insert(key.clone(), view.perturbations);
         self.version += 1;
         key
     }
@@ -2026,6 +2139,11 @@ impl Population {
     /// Ground truth: the person behind every record ever created.
     pub fn ground_truth(&self) -> &BTreeMap<SourceKey, PersonId> {
         &self.truth
+    }
+
+    /// The differences the generator gave a record (empty for clean copies).
+    pub fn perturbations(&self, key: &SourceKey) -> &[Perturbation] {
+        self.perturbations.get(key).map_or(&[], Vec::as_slice)
     }
 
     pub fn person_of(&self, key: &SourceKey) -> Option<PersonId> {

@@ -688,6 +688,17 @@ pub trait StoreTx: Send {
         ids: &[crate::model::SourceId],
         pass: i64,
     ) -> StoreResult<()>;
+    /// [`StoreTx::save_link`] for many links in few statements (multi-row inserts). Keys must
+    /// be distinct.
+    async fn save_links(&mut self, links: &[(Link, LinkEvent)]) -> StoreResult<()>;
+    /// [`StoreTx::save_patient`] for many rows in few statements. Patient ids must be distinct.
+    async fn save_patients(&mut self, rows: &[(PatientRow, Vec<FieldSource>)]) -> StoreResult<()>;
+    /// [`StoreTx::replace_match_keys`] for many records in few statements. Keys must be
+    /// distinct.
+    async fn replace_match_keys_many(
+        &mut self,
+        items: &[(SourceKey, Vec<String>)],
+    ) -> StoreResult<()>;
 }
 
 /// A source's resync lease and pass counter (`resync_runs`).

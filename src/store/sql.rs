@@ -929,6 +929,49 @@ macro_rules! impl_store {
             })
         }
 
+        /// History: closes the open version of `row` (none for a new row) where the new one
+        /// begins, at its change but never before the closed version began, so ranges cannot
+        /// overlap, and stores the row as it now is. Saving the same version again rewrites it
+        /// in place. Runs after the `patients` write, in the same transaction.
+        async fn write_history(
+            tx: &mut sqlx::Transaction<'static, $Db>,
+            row: &PatientRow,
+        ) -> StoreResult<()> {
+            let closed = if row.version > 1 {
+                sqlx::query(
+                    "UPDATE patient_history SET valid_to = CASE WHEN valid_from > $2 THEN valid_from ELSE $2 END \
+                     WHERE patient_id = $1 AND valid_to IS NULL AND version <> $3 RETURNING valid_to",
+                )
+                .bind(row.patient_id.as_str())
+                .bind(row.updated_at)
+                .bind(row.version)
+                .fetch_all(&mut **tx)
+                .await?
+            } else {
+                Vec::new()
+            };
+            let mut valid_from = row.updated_at;
+            for prev in &closed {
+                valid_from = valid_from.max(prev.try_get::<DateTime<Utc>, _>("valid_to")?);
+            }
+            let updates: Vec<String> = PATIENT_COLUMNS
+                .split(", ")
+                .filter(|c| *c != "patient_id" && *c != "version")
+                .map(|c| format!("{c} = excluded.{c}"))
+                .collect();
+            let sql = format!(
+                "INSERT INTO patient_history ({PATIENT_COLUMNS}, valid_from) SELECT {PATIENT_COLUMNS}, $2 FROM patients WHERE patient_id = $1 \
+                 ON CONFLICT (patient_id, version) DO UPDATE SET {}, valid_to = NULL",
+                updates.join(", ")
+            );
+            sqlx::query(&sql)
+                .bind(row.patient_id.as_str())
+                .bind(valid_from)
+                .execute(&mut **tx)
+                .await?;
+            Ok(())
+        }
+
         /// A write transaction on this backend.
         pub struct $Tx {
             tx: sqlx::Transaction<'static, $Db>,
@@ -1071,41 +1114,7 @@ macro_rules! impl_store {
                 .bind(row.version)
                 .execute(&mut *self.tx)
                 .await?;
-                // History: close the open version (none for a new row) where the new one begins:
-                // at its change, but never before the closed version began, so ranges cannot
-                // overlap. Saving the same version again rewrites it in place.
-                let closed = if row.version > 1 {
-                    sqlx::query(
-                        "UPDATE patient_history SET valid_to = CASE WHEN valid_from > $2 THEN valid_from ELSE $2 END \
-                         WHERE patient_id = $1 AND valid_to IS NULL AND version <> $3 RETURNING valid_to",
-                    )
-                    .bind(row.patient_id.as_str())
-                    .bind(row.updated_at)
-                    .bind(row.version)
-                    .fetch_all(&mut *self.tx)
-                    .await?
-                } else {
-                    Vec::new()
-                };
-                let mut valid_from = row.updated_at;
-                for prev in &closed {
-                    valid_from = valid_from.max(prev.try_get::<DateTime<Utc>, _>("valid_to")?);
-                }
-                let updates: Vec<String> = PATIENT_COLUMNS
-                    .split(", ")
-                    .filter(|c| *c != "patient_id" && *c != "version")
-                    .map(|c| format!("{c} = excluded.{c}"))
-                    .collect();
-                let sql = format!(
-                    "INSERT INTO patient_history ({PATIENT_COLUMNS}, valid_from) SELECT {PATIENT_COLUMNS}, $2 FROM patients WHERE patient_id = $1 \
-                     ON CONFLICT (patient_id, version) DO UPDATE SET {}, valid_to = NULL",
-                    updates.join(", ")
-                );
-                sqlx::query(&sql)
-                    .bind(row.patient_id.as_str())
-                    .bind(valid_from)
-                    .execute(&mut *self.tx)
-                    .await?;
+                write_history(&mut self.tx, row).await?;
                 sqlx::query("DELETE FROM patient_field_sources WHERE patient_id = $1")
                     .bind(row.patient_id.as_str())
                     .execute(&mut *self.tx)
@@ -1295,8 +1304,195 @@ macro_rules! impl_store {
                 }
                 Ok(())
             }
+
+            async fn save_links(&mut self, links: &[(Link, LinkEvent)]) -> StoreResult<()> {
+                for chunk in links.chunks(crate::store::sql::BATCH_PARAMS / 10) {
+                    let sql = format!(
+                        "INSERT INTO links (source, source_id, patient_id, method, rule, score, decided_by, decided_at) \
+                         VALUES {} \
+                         ON CONFLICT (source, source_id) DO UPDATE SET patient_id = excluded.patient_id, method = excluded.method, \
+                         rule = excluded.rule, score = excluded.score, decided_by = excluded.decided_by, decided_at = excluded.decided_at",
+                        crate::store::sql::placeholders(chunk.len(), 8)
+                    );
+                    let mut q = sqlx::query(&sql);
+                    for (link, _) in chunk {
+                        q = q
+                            .bind(link.key.source.as_str())
+                            .bind(link.key.id.as_str())
+                            .bind(link.patient_id.as_str())
+                            .bind(link.method.as_str())
+                            .bind(link.rule.as_deref())
+                            .bind(link.score)
+                            .bind(&link.decided_by)
+                            .bind(link.decided_at);
+                    }
+                    q.execute(&mut *self.tx).await?;
+                    let sql = format!(
+                        "INSERT INTO link_events (source, source_id, action, patient_id, previous_patient_id, method, rule, score, decided_by, at) \
+                         VALUES {}",
+                        crate::store::sql::placeholders(chunk.len(), 10)
+                    );
+                    let mut q = sqlx::query(&sql);
+                    for (_, event) in chunk {
+                        q = q
+                            .bind(event.key.source.as_str())
+                            .bind(event.key.id.as_str())
+                            .bind(&event.action)
+                            .bind(event.patient_id.as_ref().map(|p| p.as_str()))
+                            .bind(event.previous_patient_id.as_ref().map(|p| p.as_str()))
+                            .bind(event.method.as_str())
+                            .bind(event.rule.as_deref())
+                            .bind(event.score)
+                            .bind(&event.decided_by)
+                            .bind(event.at);
+                    }
+                    q.execute(&mut *self.tx).await?;
+                }
+                Ok(())
+            }
+
+            async fn save_patients(&mut self, rows: &[(PatientRow, Vec<FieldSource>)]) -> StoreResult<()> {
+                for chunk in rows.chunks(crate::store::sql::BATCH_PARAMS / 24) {
+                    let sql = format!(
+                        "INSERT INTO patients ({PATIENT_COLUMNS}) VALUES {} \
+                         ON CONFLICT (patient_id) DO UPDATE SET given_name = excluded.given_name, middle_name = excluded.middle_name, \
+                         family_name = excluded.family_name, preferred_name = excluded.preferred_name, birth_date = excluded.birth_date, \
+                         sex = excluded.sex, gender_identity = excluded.gender_identity, email = excluded.email, phone = excluded.phone, \
+                         address_line1 = excluded.address_line1, address_line2 = excluded.address_line2, city = excluded.city, \
+                         state = excluded.state, postal_code = excluded.postal_code, country = excluded.country, \
+                         healthie_id = excluded.healthie_id, intakeq_id = excluded.intakeq_id, hint_id = excluded.hint_id, \
+                         status = excluded.status, merged_into = excluded.merged_into, updated_at = excluded.updated_at, \
+                         version = excluded.version",
+                        crate::store::sql::placeholders(chunk.len(), 24)
+                    );
+                    let mut q = sqlx::query(&sql);
+                    for (row, _) in chunk {
+                        q = q
+                            .bind(row.patient_id.as_str())
+                            .bind(row.given_name.as_deref())
+                            .bind(row.middle_name.as_deref())
+                            .bind(row.family_name.as_deref())
+                            .bind(row.preferred_name.as_deref())
+                            .bind(row.birth_date)
+                            .bind(row.sex.as_deref())
+                            .bind(row.gender_identity.as_deref())
+                            .bind(row.email.as_deref())
+                            .bind(row.phone.as_deref())
+                            .bind(row.address_line1.as_deref())
+                            .bind(row.address_line2.as_deref())
+                            .bind(row.city.as_deref())
+                            .bind(row.state.as_deref())
+                            .bind(row.postal_code.as_deref())
+                            .bind(row.country.as_deref())
+                            .bind(row.healthie_id.as_deref())
+                            .bind(row.intakeq_id.as_deref())
+                            .bind(row.hint_id.as_deref())
+                            .bind(&row.status)
+                            .bind(row.merged_into.as_ref().map(|m| m.as_str()))
+                            .bind(row.first_seen_at)
+                            .bind(row.updated_at)
+                            .bind(row.version);
+                    }
+                    q.execute(&mut *self.tx).await?;
+                    for (row, _) in chunk {
+                        write_history(&mut self.tx, row).await?;
+                    }
+                    let sql = format!(
+                        "DELETE FROM patient_field_sources WHERE patient_id IN ({})",
+                        (1..=chunk.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+                    );
+                    let mut q = sqlx::query(&sql);
+                    for (row, _) in chunk {
+                        q = q.bind(row.patient_id.as_str());
+                    }
+                    q.execute(&mut *self.tx).await?;
+                    let sources: Vec<(&PatientRow, &FieldSource)> = chunk
+                        .iter()
+                        .flat_map(|(row, fs)| fs.iter().map(move |f| (row, f)))
+                        .collect();
+                    for part in sources.chunks(crate::store::sql::BATCH_PARAMS / 6) {
+                        let sql = format!(
+                            "INSERT INTO patient_field_sources (patient_id, field, source, source_id, source_updated_at, decided_at) \
+                             VALUES {}",
+                            crate::store::sql::placeholders(part.len(), 6)
+                        );
+                        let mut q = sqlx::query(&sql);
+                        for (row, fs) in part {
+                            q = q
+                                .bind(row.patient_id.as_str())
+                                .bind(&fs.field)
+                                .bind(fs.key.source.as_str())
+                                .bind(fs.key.id.as_str())
+                                .bind(fs.source_updated_at)
+                                .bind(row.updated_at);
+                        }
+                        q.execute(&mut *self.tx).await?;
+                    }
+                }
+                Ok(())
+            }
+
+            async fn replace_match_keys_many(&mut self, items: &[(SourceKey, Vec<String>)]) -> StoreResult<()> {
+                for chunk in items.chunks(crate::store::sql::BATCH_PARAMS / 20) {
+                    let sql = format!(
+                        "DELETE FROM match_keys WHERE (source, source_id) IN (VALUES {})",
+                        crate::store::sql::placeholders(chunk.len(), 2)
+                    );
+                    let mut q = sqlx::query(&sql);
+                    for (key, _) in chunk {
+                        q = q.bind(key.source.as_str()).bind(key.id.as_str());
+                    }
+                    q.execute(&mut *self.tx).await?;
+                    let rows: Vec<(&SourceKey, &String)> = chunk
+                        .iter()
+                        .flat_map(|(key, keys)| {
+                            let mut keys: Vec<&String> = keys.iter().collect();
+                            keys.sort();
+                            keys.dedup();
+                            keys.into_iter().map(move |k| (key, k))
+                        })
+                        .collect();
+                    for part in rows.chunks(crate::store::sql::BATCH_PARAMS / 3) {
+                        let sql = format!(
+                            "INSERT INTO match_keys (key, source, source_id) VALUES {}",
+                            crate::store::sql::placeholders(part.len(), 3)
+                        );
+                        let mut q = sqlx::query(&sql);
+                        for (key, k) in part {
+                            q = q.bind(*k).bind(key.source.as_str()).bind(key.id.as_str());
+                        }
+                        q.execute(&mut *self.tx).await?;
+                    }
+                }
+                Ok(())
+            }
         }
     };
+}
+
+/// Bound parameters per multi-row statement. Small on purpose: the SQLite driver resolves each
+/// `$N` by name with a scan of the statement's parameters, so binding costs grow with the square
+/// of the parameter count; a few hundred keep that negligible and statements still few.
+pub(crate) const BATCH_PARAMS: usize = 240;
+
+/// `($1, $2), ($3, $4)` for `rows` rows of `cols` columns.
+pub(crate) fn placeholders(rows: usize, cols: usize) -> String {
+    let mut out = String::with_capacity(rows * cols * 5);
+    for r in 0..rows {
+        if r > 0 {
+            out.push_str(", ");
+        }
+        out.push('(');
+        for c in 0..cols {
+            if c > 0 {
+                out.push_str(", ");
+            }
+            out.push('$');
+            out.push_str(&(r * cols + c + 1).to_string());
+        }
+        out.push(')');
+    }
+    out
 }
 
 pub(crate) use impl_store;

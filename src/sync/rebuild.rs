@@ -5,19 +5,22 @@
 //! Shape, built for a million records on a small machine:
 //!
 //! 1. **Load** every source record in key order `(source, source_id)`, in pages, without its raw
-//!    payload (matching and survivorship read normalized fields only). Blocking keys are
-//!    computed in memory on every core and kept as 64-bit hashes in one sorted array
-//!    `(hash, record)`; a hash collision only adds a candidate that `decide` then turns down.
+//!    payload (matching and survivorship read normalized fields only). Each record is prepared
+//!    for matching once (`identity::Prepared`: normalized profile and trusted ids) on every
+//!    core, and its blocking keys, computed from that, are kept as 64-bit hashes in one sorted
+//!    array `(hash, record)`; a hash collision only adds a candidate that `decide` then turns
+//!    down.
 //!    Current links and rejected pairs are read in pages too.
 //! 2. **Cluster** in key order, the way records would arrive one by one: an admin-linked record
 //!    goes to its patient's cluster; a record an upstream merged away follows its surviving
-//!    record; any other record runs [`identity::decide`] against the clusters its keys reach.
+//!    record; any other record runs [`identity::decide_prepared`] (the same ladder as
+//!    `decide`, nothing normalized again) against the clusters its keys reach.
 //!    A cluster is rejected for a record when an admin rejected the pair in either direction.
 //! 3. **Name** each cluster: an admin's patient keeps its id; any other cluster takes the
 //!    patient most of its records are linked to now (largest first, each id used once), or a
 //!    new id. So a record keeps its patient when the new decision agrees, and only links whose
 //!    decision changed move (with `link_events`).
-//! 4. **Write** in large transactions: moved and new links, canonical rows whose values changed
+//! 4. **Write** in large transactions with multi-row statements: moved and new links, canonical rows whose values changed
 //!    (compared like `refresh_patient`, so an unchanged row gets no new version), rows left
 //!    without records (`merged` into where their records went, else `deleted`), blocking keys
 //!    whose set changed, and review proposals (idempotent inserts).
@@ -32,10 +35,10 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tracing::{info, instrument};
 
-use crate::identity::{self, Candidate, LinkTarget};
+use crate::identity::{self, LinkTarget, PreparedCandidate};
 use crate::model::{PatientId, RecordStatus, SourceKey, SourceRecord};
 use crate::store::{
-    Link, LinkEvent, LinkMethod, PatientRow, ReviewState, Store, StoreResult, StoreTx,
+    FieldSource, Link, LinkEvent, LinkMethod, PatientRow, ReviewState, Store, StoreResult, StoreTx,
 };
 use crate::sync::apply::IdentitySettings;
 
@@ -182,6 +185,8 @@ impl Fingerprint {
 /// Everything loaded for a rebuild.
 struct Loaded {
     records: Vec<SourceRecord>,
+    /// Each record normalized once for matching, in the order of `records`.
+    prepared: Vec<identity::Prepared>,
     /// Indexes into `records`, sorted by `SourceKey`'s own order, for lookups.
     by_key: Vec<u32>,
     /// Flat key hashes per record: `key_hashes[key_offsets[i]..key_offsets[i + 1]]`.
@@ -290,13 +295,12 @@ pub async fn rebuild(
                     decided_by: "auto".into(),
                     at: now,
                 };
-                if let Some(tx) = writer.tx().await? {
-                    tx.save_link(&link, &event).await?;
-                }
-                writer.wrote().await?;
+                writer.link(link, event).await?;
             }
         }
     }
+
+    writer.flush().await?;
 
     // Review proposals: idempotent inserts, skipped for pairs already reviewed.
     for (record, cluster, score) in &proposals {
@@ -367,10 +371,7 @@ pub async fn rebuild(
                     );
                     if let Some(row) = next_row(golden.row, Some(&old), now) {
                         report.patients_updated += 1;
-                        if let Some(tx) = writer.tx().await? {
-                            tx.save_patient(&row, &golden.provenance).await?;
-                        }
-                        writer.wrote().await?;
+                        writer.patient(row, golden.provenance).await?;
                     }
                 }
                 None if old.status != "merged" && old.status != "deleted" => {
@@ -391,10 +392,7 @@ pub async fn rebuild(
                     row.updated_at = now;
                     row.version += 1;
                     report.patients_retired += 1;
-                    if let Some(tx) = writer.tx().await? {
-                        tx.save_patient(&row, &[]).await?;
-                    }
-                    writer.wrote().await?;
+                    writer.patient(row, Vec::new()).await?;
                 }
                 None => {}
             }
@@ -413,12 +411,11 @@ pub async fn rebuild(
         let golden = identity::golden_record(&patient_id, &members, &settings.survivorship, now);
         if let Some(row) = next_row(golden.row, None, now) {
             report.patients_created += 1;
-            if let Some(tx) = writer.tx().await? {
-                tx.save_patient(&row, &golden.provenance).await?;
-            }
-            writer.wrote().await?;
+            writer.patient(row, golden.provenance).await?;
         }
     }
+
+    writer.flush().await?;
 
     // Blocking keys: rewritten only for records whose key set changed.
     let mut stored: Vec<Option<Fingerprint>> = vec![None; loaded.records.len()];
@@ -440,11 +437,8 @@ pub async fn rebuild(
     for (i, record) in loaded.records.iter().enumerate() {
         if stored[i] != Some(loaded.fingerprints[i]) {
             report.match_keys_rewritten += 1;
-            if let Some(tx) = writer.tx().await? {
-                let keys = identity::record_blocking_keys(record, &settings.matching);
-                tx.replace_match_keys(&record.key, &keys).await?;
-            }
-            writer.wrote().await?;
+            let keys = loaded.prepared[i].record_blocking_keys();
+            writer.keys(record.key.clone(), keys).await?;
         }
     }
     writer.finish().await?;
@@ -515,18 +509,20 @@ async fn load(
         .unwrap_or(1)
         .max(1);
     let chunk = records.len().div_ceil(threads).max(1);
-    let per_chunk: Vec<Vec<(Vec<u64>, Fingerprint)>> = std::thread::scope(|scope| {
+    type Computed = (identity::Prepared, Vec<u64>, Fingerprint);
+    let per_chunk: Vec<Vec<Computed>> = std::thread::scope(|scope| {
         let handles: Vec<_> = records
             .chunks(chunk)
             .map(|part| {
                 scope.spawn(|| {
                     part.iter()
                         .map(|r| {
-                            let keys = identity::record_blocking_keys(r, &settings.matching);
+                            let prepared = identity::Prepared::new(r, &settings.matching);
+                            let keys = prepared.record_blocking_keys();
                             let hashes: Vec<u64> = keys.iter().map(|k| hash_key(k)).collect();
                             let mut fp = Fingerprint::default();
                             hashes.iter().for_each(|&h| fp.add(h));
-                            (hashes, fp)
+                            (prepared, hashes, fp)
                         })
                         .collect()
                 })
@@ -540,8 +536,10 @@ async fn load(
     let mut key_hashes = Vec::new();
     let mut key_offsets = Vec::with_capacity(records.len() + 1);
     let mut fingerprints = Vec::with_capacity(records.len());
+    let mut prepared = Vec::with_capacity(records.len());
     key_offsets.push(0u32);
-    for (hashes, fp) in per_chunk.into_iter().flatten() {
+    for (p, hashes, fp) in per_chunk.into_iter().flatten() {
+        prepared.push(p);
         key_hashes.extend(hashes);
         key_offsets.push(key_hashes.len() as u32);
         fingerprints.push(fp);
@@ -558,6 +556,7 @@ async fn load(
     let mut loaded = Loaded {
         current: vec![None; records.len()],
         records,
+        prepared,
         by_key,
         key_hashes,
         key_offsets,
@@ -709,7 +708,6 @@ fn decide_one(
     decided: &mut [Option<Decided>],
     proposals: &mut Vec<(u32, u32, f64)>,
 ) {
-    let record = &loaded.records[i as usize];
     let mut reached: BTreeSet<u32> = BTreeSet::new();
     for &h in loaded.hashes(i) {
         let start = loaded.index.partition_point(|&(x, _)| x < h);
@@ -725,7 +723,7 @@ fn decide_one(
         }
     }
     let mine = loaded.current[i as usize].map(|c| c.patient);
-    let candidates: Vec<Candidate> = reached
+    let candidates: Vec<PreparedCandidate> = reached
         .iter()
         .map(|&c| {
             let cl = &clusters[c as usize];
@@ -735,12 +733,12 @@ fn decide_one(
                     loaded.current[m as usize].is_some_and(|cur| rejected_patient(cur.patient))
                         || mine.is_some_and(|p| loaded.rejected.contains(&(m, p)))
                 });
-            Candidate {
+            PreparedCandidate {
                 patient_id: PatientId(format!("{c:010}")),
                 records: cl
                     .members
                     .iter()
-                    .map(|&m| loaded.records[m as usize].clone())
+                    .map(|&m| &loaded.prepared[m as usize])
                     .collect(),
                 rejected,
             }
@@ -749,7 +747,11 @@ fn decide_one(
     let decision = if candidates.is_empty() {
         None
     } else {
-        Some(identity::decide(record, &candidates, &settings.matching))
+        Some(identity::decide_prepared(
+            &loaded.prepared[i as usize],
+            &candidates,
+            &settings.matching,
+        ))
     };
     let label = |p: &PatientId| {
         p.as_str()
@@ -855,13 +857,18 @@ fn name_clusters(
     names
 }
 
-/// Batches writes into large transactions; in a dry run it hands out no transaction.
+/// Batches writes into large transactions; in a dry run it hands out no transaction and
+/// buffers nothing. Links, canonical rows and blocking keys are buffered and written with the
+/// store's multi-row methods; each buffer is flushed when full and by [`Writer::flush`].
 struct Writer<'a> {
     store: &'a dyn Store,
     dry_run: bool,
     batch: usize,
     pending: usize,
     tx: Option<Box<dyn StoreTx>>,
+    links: Vec<(Link, LinkEvent)>,
+    patients: Vec<(PatientRow, Vec<FieldSource>)>,
+    keys: Vec<(SourceKey, Vec<String>)>,
 }
 
 impl<'a> Writer<'a> {
@@ -872,6 +879,9 @@ impl<'a> Writer<'a> {
             batch: options.batch_writes.max(1),
             pending: 0,
             tx: None,
+            links: Vec::new(),
+            patients: Vec::new(),
+            keys: Vec::new(),
         }
     }
 
@@ -886,7 +896,11 @@ impl<'a> Writer<'a> {
     }
 
     async fn wrote(&mut self) -> StoreResult<()> {
-        self.pending += 1;
+        self.wrote_n(1).await
+    }
+
+    async fn wrote_n(&mut self, n: usize) -> StoreResult<()> {
+        self.pending += n;
         if self.pending >= self.batch {
             self.pending = 0;
             if let Some(tx) = self.tx.take() {
@@ -896,7 +910,61 @@ impl<'a> Writer<'a> {
         Ok(())
     }
 
+    async fn link(&mut self, link: Link, event: LinkEvent) -> StoreResult<()> {
+        if !self.dry_run {
+            self.links.push((link, event));
+            if self.links.len() >= self.batch {
+                self.flush().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn patient(&mut self, row: PatientRow, provenance: Vec<FieldSource>) -> StoreResult<()> {
+        if !self.dry_run {
+            self.patients.push((row, provenance));
+            if self.patients.len() >= self.batch {
+                self.flush().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn keys(&mut self, key: SourceKey, keys: Vec<String>) -> StoreResult<()> {
+        if !self.dry_run {
+            self.keys.push((key, keys));
+            if self.keys.len() >= self.batch {
+                self.flush().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes every buffered item, links first, then rows, then keys.
+    async fn flush(&mut self) -> StoreResult<()> {
+        let links = std::mem::take(&mut self.links);
+        let patients = std::mem::take(&mut self.patients);
+        let keys = std::mem::take(&mut self.keys);
+        let n = links.len() + patients.len() + keys.len();
+        if n == 0 {
+            return Ok(());
+        }
+        if let Some(tx) = self.tx().await? {
+            if !links.is_empty() {
+                tx.save_links(&links).await?;
+            }
+            if !patients.is_empty() {
+                tx.save_patients(&patients).await?;
+            }
+            if !keys.is_empty() {
+                tx.replace_match_keys_many(&keys).await?;
+            }
+        }
+        self.wrote_n(n).await
+    }
+
     async fn finish(mut self) -> StoreResult<()> {
+        self.flush().await?;
         if let Some(tx) = self.tx.take() {
             tx.commit().await?;
         }

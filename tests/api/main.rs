@@ -9,6 +9,7 @@ mod faults;
 mod healthie_flow;
 mod helpers;
 mod history;
+mod identity_cli;
 mod identity_flow;
 mod logs;
 mod metrics;

@@ -987,6 +987,7 @@ fn blocking_keys_have_the_documented_shape() {
     };
     let keys = blocking_keys(&p.0, &cfg);
     let want = [
+        "df:1980-03-05|b100", // the given name, for a record with the names swapped
         "df:1980-03-05|g624",
         "df:1980-03-05|g620",
         "df:1980-03-05|l120",
@@ -1041,4 +1042,153 @@ fn a_record_meets_the_records_that_name_it() {
     assert!(a.contains(&"src:healthie:h-1".to_string()));
     assert!(b.contains(&"src:healthie:h-1".to_string()));
     assert!(b.contains(&"src:intakeq:iq-1".to_string()));
+}
+
+#[test]
+fn given_and_family_name_swapped_still_link() {
+    let d = decide_one(
+        P::new("Smith", "Robert")
+            .dob("1980-03-05")
+            .email("robert.smith@gmail.com"),
+        robert(),
+    );
+    assert_eq!(
+        outcome(&d),
+        Outcome::Link("p1", LinkMethod::Rule, Some("email_dob_name"))
+    );
+    let s = explain(
+        &P::new("Smith", "Robert").dob("1980-03-05").0,
+        &robert().0,
+        &MatchConfig::default(),
+    );
+    let levels: Vec<_> = s.contributions.iter().map(|c| c.level).take(2).collect();
+    assert_eq!(levels, vec!["swapped", "swapped"]);
+    // Only a full crosswise match counts: one name in the other's field is not a swap.
+    let s = explain(
+        &P::new("Smith", "Jones").dob("1980-03-05").0,
+        &robert().0,
+        &MatchConfig::default(),
+    );
+    assert_eq!(s.contributions[0].level, "disagree");
+}
+
+#[test]
+fn swapped_names_share_a_blocking_key() {
+    assert!(share_a_key(
+        &P::new("Smith", "Robert").dob("1980-03-05"),
+        &P::new("Robert", "Smith").dob("1980-03-05")
+    ));
+}
+
+#[test]
+fn a_changed_surname_links_on_given_name_birth_date_and_a_personal_contact() {
+    let cases = [
+        (
+            "married name, same phone",
+            P::new("Robert", "Jones")
+                .dob("1980-03-05")
+                .phone("415 555 2671")
+                .email("rsj@outlook.com"),
+            true,
+        ),
+        (
+            "old surname, same email",
+            P::new("Robert", "Miller")
+                .dob("1980-03-05")
+                .email("robert.smith@gmail.com"),
+            true,
+        ),
+        (
+            "nickname is not enough with another surname",
+            P::new("Bob", "Miller")
+                .dob("1980-03-05")
+                .phone("415 555 2671"),
+            false,
+        ),
+        (
+            "another surname, only the address",
+            P::new("Robert", "Miller")
+                .dob("1980-03-05")
+                .address("12 North Elm Street", "62704"),
+            false,
+        ),
+        (
+            "another surname, birth date a day off",
+            P::new("Robert", "Miller")
+                .dob("1980-03-06")
+                .phone("415 555 2671"),
+            false,
+        ),
+    ];
+    for (name, incoming, links) in cases {
+        let d = decide_one(incoming, robert());
+        if links {
+            assert_eq!(
+                outcome(&d),
+                Outcome::Link("p1", LinkMethod::Rule, Some("given_dob_contact")),
+                "{name}"
+            );
+        } else {
+            assert_eq!(d.target, LinkTarget::NewPatient, "{name}");
+        }
+    }
+}
+
+#[test]
+fn linking_without_a_birth_date_is_opt_in_and_needs_name_email_and_one_more_contact() {
+    let cfg = MatchConfig {
+        link_without_birth_date: true,
+        ..MatchConfig::default()
+    };
+    let run = |incoming: P| {
+        let incoming = incoming.rec(Intakeq, "iq-1");
+        decide(
+            &incoming,
+            &[cand("p1", vec![robert().rec(Healthie, "h-1")])],
+            &cfg,
+        )
+    };
+    let d = run(P::new("Robert", "Smith")
+        .email("robert.smith@gmail.com")
+        .phone("415-555-2671"));
+    assert_eq!(
+        outcome(&d),
+        Outcome::Link("p1", LinkMethod::Rule, Some("name_email_contact"))
+    );
+    for (name, incoming) in [
+        (
+            "phone and address without the email",
+            P::new("Robert", "Smith")
+                .phone("415-555-2671")
+                .address("12 North Elm Street", "62704"),
+        ),
+        (
+            "another given name (a relative)",
+            P::new("Michael", "Smith")
+                .email("robert.smith@gmail.com")
+                .phone("415-555-2671"),
+        ),
+        (
+            "sex differs",
+            P::new("Robert", "Smith")
+                .sex("F")
+                .email("robert.smith@gmail.com")
+                .phone("415-555-2671"),
+        ),
+    ] {
+        assert_eq!(run(incoming).target, LinkTarget::NewPatient, "{name}");
+    }
+    // A namesake father and son both in the store: two candidates qualify, so a human decides.
+    let senior = robert().rec(Healthie, "h-1");
+    let junior = robert().dob("2004-11-20").rec(Healthie, "h-2");
+    let incoming = P::new("Robert", "Smith")
+        .email("robert.smith@gmail.com")
+        .phone("415-555-2671")
+        .rec(Intakeq, "iq-1");
+    let d = decide(
+        &incoming,
+        &[cand("p1", vec![senior]), cand("p2", vec![junior])],
+        &cfg,
+    );
+    assert_eq!(outcome(&d), Outcome::Review(vec!["p1", "p2"]));
 }
