@@ -1074,66 +1074,7 @@ macro_rules! impl_store {
             }
 
             async fn save_patient(&mut self, row: &PatientRow, provenance: &[FieldSource]) -> StoreResult<()> {
-                sqlx::query(
-                    "INSERT INTO patients (patient_id, given_name, middle_name, family_name, preferred_name, birth_date, \
-                     sex, gender_identity, email, phone, address_line1, address_line2, city, state, postal_code, country, \
-                     healthie_id, intakeq_id, hint_id, status, merged_into, first_seen_at, updated_at, version) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24) \
-                     ON CONFLICT (patient_id) DO UPDATE SET given_name = excluded.given_name, middle_name = excluded.middle_name, \
-                     family_name = excluded.family_name, preferred_name = excluded.preferred_name, birth_date = excluded.birth_date, \
-                     sex = excluded.sex, gender_identity = excluded.gender_identity, email = excluded.email, phone = excluded.phone, \
-                     address_line1 = excluded.address_line1, address_line2 = excluded.address_line2, city = excluded.city, \
-                     state = excluded.state, postal_code = excluded.postal_code, country = excluded.country, \
-                     healthie_id = excluded.healthie_id, intakeq_id = excluded.intakeq_id, hint_id = excluded.hint_id, \
-                     status = excluded.status, merged_into = excluded.merged_into, updated_at = excluded.updated_at, \
-                     version = excluded.version",
-                )
-                .bind(row.patient_id.as_str())
-                .bind(row.given_name.as_deref())
-                .bind(row.middle_name.as_deref())
-                .bind(row.family_name.as_deref())
-                .bind(row.preferred_name.as_deref())
-                .bind(row.birth_date)
-                .bind(row.sex.as_deref())
-                .bind(row.gender_identity.as_deref())
-                .bind(row.email.as_deref())
-                .bind(row.phone.as_deref())
-                .bind(row.address_line1.as_deref())
-                .bind(row.address_line2.as_deref())
-                .bind(row.city.as_deref())
-                .bind(row.state.as_deref())
-                .bind(row.postal_code.as_deref())
-                .bind(row.country.as_deref())
-                .bind(row.healthie_id.as_deref())
-                .bind(row.intakeq_id.as_deref())
-                .bind(row.hint_id.as_deref())
-                .bind(&row.status)
-                .bind(row.merged_into.as_ref().map(|m| m.as_str()))
-                .bind(row.first_seen_at)
-                .bind(row.updated_at)
-                .bind(row.version)
-                .execute(&mut *self.tx)
-                .await?;
-                write_history(&mut self.tx, row).await?;
-                sqlx::query("DELETE FROM patient_field_sources WHERE patient_id = $1")
-                    .bind(row.patient_id.as_str())
-                    .execute(&mut *self.tx)
-                    .await?;
-                for fs in provenance {
-                    sqlx::query(
-                        "INSERT INTO patient_field_sources (patient_id, field, source, source_id, source_updated_at, decided_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6)",
-                    )
-                    .bind(row.patient_id.as_str())
-                    .bind(&fs.field)
-                    .bind(fs.key.source.as_str())
-                    .bind(fs.key.id.as_str())
-                    .bind(fs.source_updated_at)
-                    .bind(row.updated_at)
-                    .execute(&mut *self.tx)
-                    .await?;
-                }
-                Ok(())
+                self.save_patients(&[(row.clone(), provenance.to_vec())]).await
             }
 
             async fn finish_inbox(
