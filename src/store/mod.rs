@@ -448,6 +448,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<bool>;
     /// Returns every item leased by `owner` to `pending` without counting the attempt.
     async fn release_leases(&self, owner: &str) -> StoreResult<u64>;
+    /// Extends every lease `owner` still holds to `until_ms` (a batch outlasting one lease,
+    /// e.g. at IntakeQ's 10 requests a minute). Items another owner took are not touched.
+    async fn renew_leases(&self, owner: &str, until_ms: i64) -> StoreResult<u64>;
     async fn load_inbox_item(&self, id: InboxId) -> StoreResult<Option<InboxItem>>;
     /// Items in `state`, optionally of one source and received at or after `since_ms`, oldest first.
     async fn list_inbox(

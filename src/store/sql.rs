@@ -403,6 +403,17 @@ macro_rules! impl_store {
                 Ok(result.rows_affected())
             }
 
+            async fn renew_leases(&self, owner: &str, until_ms: i64) -> StoreResult<u64> {
+                let result = sqlx::query(
+                    "UPDATE inbox SET leased_until_ms = $2 WHERE lease_owner = $1 AND state = 'leased'",
+                )
+                .bind(owner)
+                .bind(until_ms)
+                .execute(&self.pool)
+                .await?;
+                Ok(result.rows_affected())
+            }
+
             async fn load_inbox_item(&self, id: InboxId) -> StoreResult<Option<InboxItem>> {
                 let sql = format!("SELECT {INBOX_COLUMNS} FROM inbox WHERE id = $1");
                 let row = sqlx::query(&sql).bind(id.0).fetch_optional(&self.pool).await?;

@@ -76,6 +76,15 @@ impl Finish {
     }
 }
 
+/// Aborts its task when dropped (also when the future holding it is cancelled).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// One claim holds at most this many times `worker.batch_size` items.
 const MAX_CLAIM_ROUNDS: usize = 8;
 
@@ -148,6 +157,7 @@ impl Worker {
         if items.is_empty() {
             return Ok(summary);
         }
+        let _renewal = self.renew_leases_while_working();
         let mut by_source: BTreeMap<SourceKind, Vec<InboxItem>> = BTreeMap::new();
         for item in items {
             by_source.entry(item.source).or_default().push(item);
@@ -214,6 +224,26 @@ impl Worker {
         }
         items.sort_by_key(|i| i.id);
         Ok(items)
+    }
+
+    /// Extends this worker's leases every third of a lease until the returned guard is
+    /// dropped, so a batch slower than one lease (a rate-limited source) is not claimed again
+    /// by another worker mid-way. A crashed process stops renewing and its leases expire.
+    fn renew_leases_while_working(&self) -> AbortOnDrop {
+        let store = self.store.clone();
+        let owner = self.owner.clone();
+        let lease = Duration::from_secs(self.settings.lease_secs.max(1));
+        AbortOnDrop(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(lease / 3);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let until = now_ms() + lease.as_millis() as i64;
+                if let Err(e) = store.renew_leases(&owner, until).await {
+                    warn!(error = %e, "Worker could not renew its leases.");
+                }
+            }
+        }))
     }
 
     /// The ids an item asks to refetch (none when it cannot be planned or needs no fetch).

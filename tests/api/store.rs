@@ -307,8 +307,53 @@ async fn a_dropped_transaction_rolls_back(db: Db) {
         .is_none());
 }
 
+async fn a_renewed_lease_is_not_claimed_again_and_only_its_owner_renews(db: Db) {
+    let db = database(db).await;
+    let s = &db.store;
+    s.insert_inbox(&item("1", None)).await.unwrap();
+    s.insert_inbox(&item("2", None)).await.unwrap();
+    let mine = s
+        .claim_inbox("slow", 1, Duration::from_secs(1), 2_000)
+        .await
+        .unwrap();
+    assert_eq!(mine.len(), 1);
+    let other = s
+        .claim_inbox("other", 1, Duration::from_secs(1), 2_000)
+        .await
+        .unwrap();
+    assert_eq!(other.len(), 1);
+    assert_eq!(
+        s.renew_leases("slow", 60_000).await.unwrap(),
+        1,
+        "its own lease only"
+    );
+    let rescued = s
+        .claim_inbox("rescuer", 10, Duration::from_secs(60), 3_001)
+        .await
+        .unwrap();
+    assert_eq!(
+        rescued.iter().map(|i| i.id).collect::<Vec<_>>(),
+        vec![other[0].id],
+        "the renewed lease holds past its first expiry; the other expired"
+    );
+    let mut tx = s.begin().await.unwrap();
+    assert_eq!(
+        tx.finish_inbox(&[mine[0].id], "slow", None, 3_002)
+            .await
+            .unwrap(),
+        1
+    );
+    tx.commit().await.unwrap();
+    assert_eq!(
+        s.renew_leases("slow", 90_000).await.unwrap(),
+        0,
+        "nothing left to renew"
+    );
+}
+
 crate::on_both_backends!(
     claimed_items_are_leased_and_finished_once,
+    a_renewed_lease_is_not_claimed_again_and_only_its_owner_renews,
     an_expired_lease_is_claimed_again_and_the_old_owner_cannot_finish,
     a_dedupe_key_is_stored_once,
     ignored_items_are_recorded_with_their_reason,
