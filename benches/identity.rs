@@ -33,31 +33,6 @@ fn arg(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown cpu".into());
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .next()
-                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string())
-        })
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .map(|kb| format!("{:.1} GiB", kb as f64 / 1024.0 / 1024.0))
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    format!("{cpu}, {cores} cores, {mem}")
-}
-
 struct Scores {
     precision: f64,
     recall: f64,
@@ -111,7 +86,7 @@ async fn main() -> anyhow::Result<()> {
     let people = arg("--people", 3000) as usize;
     let seed = arg("--seed", 42);
     println!("identity benchmark: {people} people, seed {seed}");
-    println!("machine: {}", machine());
+    println!("machine: {}", patient_sync::machine::describe());
 
     let started = Instant::now();
     let population = Population::generate(&PopulationConfig {

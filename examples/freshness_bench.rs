@@ -25,21 +25,6 @@ use tokio_util::sync::CancellationToken;
 const SECRET: &str = "whsec_freshness_bench";
 const UPSTREAM_LATENCY_MS: u64 = 50;
 
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    format!("{cores} cores, {cpu}")
-}
-
 fn percentile(sorted: &[i64], p: f64) -> i64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -172,7 +157,7 @@ async fn main() -> anyhow::Result<()> {
     service.await??;
     anyhow::ensure!(!latencies.is_empty(), "no item finished");
 
-    println!("machine: {}", machine());
+    println!("machine: {}", patient_sync::machine::describe());
     println!(
         "freshness: {total} patient.updated webhooks at {rate}/s over {:.1}s, upstream latency {UPSTREAM_LATENCY_MS} ms, \
          {} workers, idle poll {} ms, worker batch {}, Healthie limit {healthie_rps}/s, SQLite",

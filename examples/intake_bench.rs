@@ -16,21 +16,6 @@ use tokio_util::sync::CancellationToken;
 
 const SECRET: &str = "whsec_intake_bench";
 
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    format!("{cores} cores, {cpu}")
-}
-
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -140,7 +125,7 @@ async fn main() -> anyhow::Result<()> {
     shutdown.cancel();
     server.await??;
 
-    println!("machine: {}", machine());
+    println!("machine: {}", patient_sync::machine::describe());
     println!(
         "intake: {requests} signed Healthie webhooks, {clients} concurrent clients over loopback, SQLite at {}",
         dir.path().display()

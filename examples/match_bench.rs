@@ -86,7 +86,7 @@ async fn main() -> anyhow::Result<()> {
     latencies.sort_by(f64::total_cmp);
     let at = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q).round() as usize];
 
-    println!("machine: {}", rebuild_bench::machine());
+    println!("machine: {}", patient_sync::machine::describe());
     println!(
         "store: {written} source records ({people} people) written in {fill_secs:.1}s, linked by rebuild in {rebuild_secs:.1}s ({} patients)",
         report.patients

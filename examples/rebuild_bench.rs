@@ -210,24 +210,6 @@ pub async fn fill(store: &dyn Store, n: usize) -> anyhow::Result<(usize, u64)> {
     Ok((written, p))
 }
 
-/// CPU model and core count of this machine.
-pub fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
-    format!(
-        "{} cores, {cpu}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    )
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let n: usize = std::env::args()
@@ -258,7 +240,7 @@ async fn main() -> anyhow::Result<()> {
     let second = rebuild(store.as_ref(), &settings, &options, Utc::now()).await?;
     let second_secs = t.elapsed().as_secs_f64();
 
-    println!("machine: {}", machine());
+    println!("machine: {}", patient_sync::machine::describe());
     println!(
         "records: {written} ({p} people) written in {:.1}s",
         fill.as_secs_f64()

@@ -181,11 +181,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let patients: i64 = store.count_patients().await?.iter().map(|(_, n)| n).sum();
     println!("patients: {patients} canonical rows");
-    println!(
-        "machine: {} cores, {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        cpu_model()
-    );
+    println!("machine: {}", patient_sync::machine::describe());
     Ok(())
 }
 
@@ -195,16 +191,4 @@ fn sandbox_rate_limited(sandbox: &patient_sync::sandbox::SandboxHandle, kind: So
         SourceKind::Intakeq => sandbox.intakeq().counters().rate_limited,
         SourceKind::Hint => sandbox.hint().counters().rate_limited,
     }
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
 }

@@ -198,29 +198,10 @@ async fn main() -> anyhow::Result<()> {
     shutdown.cancel();
     service.await??;
 
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
-    let mem_gib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("MemTotal"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
     let get = |s: InboxState| counts.get(&s).copied().unwrap_or(0);
     println!(
-        "machine: {} cores, {cpu}, {mem_gib:.1} GiB, SQLite in {}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
+        "machine: {}, SQLite in {}",
+        patient_sync::machine::describe(),
         dir.path().display()
     );
     println!("settings: {shown}");

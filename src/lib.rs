@@ -7,6 +7,7 @@ pub mod config;
 pub mod demo;
 pub mod export;
 pub mod identity;
+pub mod machine;
 pub mod metrics;
 pub mod model;
 pub mod receiver;
