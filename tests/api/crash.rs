@@ -162,6 +162,15 @@ pub async fn count(store: &dyn Store, states: &[InboxState]) -> i64 {
         .expect("the database answers")
 }
 
+/// Waits (up to two minutes) until no inbox item is pending or leased; a database that does not
+/// answer for a while (a restart) counts as not drained yet.
+pub async fn wait_drained(store: &dyn Store, what: &str) {
+    wait_for(what, Duration::from_secs(120), || async {
+        try_count(store, &[InboxState::Pending, InboxState::Leased]).await == Some(0)
+    })
+    .await;
+}
+
 pub async fn ready(port: u16) -> bool {
     reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
         .await
@@ -446,17 +455,9 @@ async fn serve_killed_at_random_moments_and_restarted_ends_like_an_undisturbed_r
     }
     assert!(mid_processing > 0, "at least one kill came mid-run");
     let resent = delivery.await.unwrap();
-    wait_for(
+    wait_drained(
+        observer.as_ref(),
         "the restarted service to drain the inbox",
-        Duration::from_secs(120),
-        || async {
-            count(
-                observer.as_ref(),
-                &[InboxState::Pending, InboxState::Leased],
-            )
-            .await
-                == 0
-        },
     )
     .await;
     let status = serve.terminate();
@@ -539,19 +540,7 @@ async fn serve_survives_a_postgres_restart_mid_run() {
     )
     .await;
     let resent = delivery.await.unwrap();
-    wait_for(
-        "the service to drain the inbox",
-        Duration::from_secs(120),
-        || async {
-            try_count(
-                observer.as_ref(),
-                &[InboxState::Pending, InboxState::Leased],
-            )
-            .await
-                == Some(0)
-        },
-    )
-    .await;
+    wait_drained(observer.as_ref(), "the service to drain the inbox").await;
     assert!(serve.alive(), "serve kept running through the restart");
     let status = serve.terminate();
     assert!(status.success(), "serve exits 0 on SIGTERM: {status:?}");

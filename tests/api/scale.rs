@@ -15,8 +15,8 @@ use patient_sync::store::{self, InboxState, PatientRow, Store};
 use patient_sync::sandbox::hint;
 
 use crate::crash::{
-    count, deliver, deliver_hint, distinct_events, free_port, hint_env, start_serve, storm_config,
-    storm_sandbox, test_seed, undisturbed_with_hint, wait_for, Serve, BIN,
+    deliver, deliver_hint, distinct_events, free_port, hint_env, start_serve, storm_config,
+    storm_sandbox, test_seed, undisturbed_with_hint, wait_drained, Serve, BIN,
 };
 
 /// What a run leaves in the database, without generated ids and timestamps: each source
@@ -334,19 +334,7 @@ async fn four_serve_processes_on_one_postgres_apply_every_event_exactly_once() {
     );
 
     let observer = store::connect(&db_url, 2).await.unwrap();
-    wait_for(
-        "the replicas to drain the inbox",
-        Duration::from_secs(120),
-        || async {
-            count(
-                observer.as_ref(),
-                &[InboxState::Pending, InboxState::Leased],
-            )
-            .await
-                == 0
-        },
-    )
-    .await;
+    wait_drained(observer.as_ref(), "the replicas to drain the inbox").await;
     for replica in &replicas {
         assert!(
             processed_by(replica.port).await > 0.0,
