@@ -6,9 +6,12 @@
 //!
 //! For each source, a first pass into an empty store and a second pass over it (nothing
 //! changed), it prints wall time, pages, requests, the lower bound (pages / allowed rate),
-//! their ratio (target <= 1.10) and the rate-limited answers (target 0), then the machine.
+//! their ratio (target <= 1.10), the rate-limited answers (target 0) and the CPU time the
+//! process used (the sandbox's included), then the machine.
 //!
-//! `cargo run --release --example resync_bench -- [people] [intakeq_requests_per_minute]`
+//! `cargo run --release --example resync_bench -- [people] [intakeq_requests_per_minute] [sources]`
+//!
+//! `sources` is a comma-separated subset run in that order (default `healthie,intakeq,hint`).
 //!
 //! IntakeQ's real limit is 10 requests a minute (20,000 patients: 200 pages, 20 minutes); the
 //! default here is 600 a minute so the run takes seconds; the bound scales with it.
@@ -31,6 +34,12 @@ async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let people: usize = args.next().map_or(Ok(20_000), |a| a.parse())?;
     let intakeq_per_minute: u32 = args.next().map_or(Ok(600), |a| a.parse())?;
+    let sources: Vec<SourceKind> = args
+        .next()
+        .unwrap_or_else(|| "healthie,intakeq,hint".into())
+        .split(',')
+        .map(|s| s.parse::<SourceKind>())
+        .collect::<Result<_, _>>()?;
 
     let defaults = Settings::load_from(None, &[])?;
     let healthie_rate = defaults.sources.healthie.requests_per_second;
@@ -121,7 +130,7 @@ async fn main() -> anyhow::Result<()> {
     let identity = settings.identity.to_identity_settings();
 
     println!(
-        "{:<9} {:<6} {:>8} {:>6} {:>8} {:>9} {:>8} {:>9} {:>7} {:>12} {:>9}",
+        "{:<9} {:<6} {:>8} {:>6} {:>8} {:>9} {:>8} {:>9} {:>7} {:>12} {:>9} {:>7}",
         "source",
         "pass",
         "records",
@@ -132,11 +141,12 @@ async fn main() -> anyhow::Result<()> {
         "bound s",
         "ratio",
         "rate-limited",
-        "waited s"
+        "waited s",
+        "cpu s"
     );
     // Per source: a first pass into the empty store (every record created), then a second pass
     // (every record unchanged), the steady state of a periodic resync.
-    let runs = [SourceKind::Healthie, SourceKind::Intakeq, SourceKind::Hint]
+    let runs = sources
         .into_iter()
         .flat_map(|kind| [(kind, "first"), (kind, "second")]);
     for (kind, pass) in runs {
@@ -145,6 +155,7 @@ async fn main() -> anyhow::Result<()> {
         let options = ResyncOptions::from_settings(&settings, &lister, false, false);
         let limited_before = sandbox_rate_limited(&sandbox, kind);
         let started = Instant::now();
+        let cpu_before = patient_sync::machine::cpu_seconds();
         let summary = run_resync(
             store.as_ref(),
             &lister,
@@ -156,12 +167,16 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?;
         let wall = started.elapsed().as_secs_f64();
+        let cpu = match (cpu_before, patient_sync::machine::cpu_seconds()) {
+            (Some(a), Some(b)) => format!("{:.1}", b - a),
+            _ => "n/a".to_string(),
+        };
         assert_eq!(summary.outcome, ResyncOutcome::Completed);
         let rate = options.allowed_rate;
         // The lower bound: every page is one request, sent at the allowed rate.
         let bound = summary.pages as f64 / rate;
         println!(
-            "{:<9} {:<6} {:>8} {:>6} {:>8} {:>9.2} {:>8.1} {:>9.1} {:>7.3} {:>12} {:>9.1}",
+            "{:<9} {:<6} {:>8} {:>6} {:>8} {:>9.2} {:>8.1} {:>9.1} {:>7.3} {:>12} {:>9.1} {:>7}",
             kind.as_str(),
             pass,
             summary.records,
@@ -172,7 +187,8 @@ async fn main() -> anyhow::Result<()> {
             bound,
             wall / bound,
             sandbox_rate_limited(&sandbox, kind) - limited_before,
-            summary.rate_limit_wait_secs
+            summary.rate_limit_wait_secs,
+            cpu
         );
         assert_eq!(
             summary.created + summary.updated + summary.unchanged + summary.stale,

@@ -267,6 +267,30 @@ pub fn is_placeholder_email(email: &str) -> bool {
 /// A phone number in E.164 (`+14155552671`), extension dropped; numbers without a country code
 /// are read in `region` (ISO 3166 alpha-2, e.g. `US`). `None` when it is not a valid number.
 pub fn phone_e164(raw: &str, region: &str) -> Option<String> {
+    // Parsing is the costliest step of preparing a record, and the same numbers come back
+    // (each candidate's records, then survivorship), so recent answers are remembered per
+    // thread. The answer depends on the arguments alone.
+    const REMEMBERED: usize = 4096;
+    thread_local! {
+        static RECENT: std::cell::RefCell<std::collections::HashMap<(String, String), Option<String>>> =
+            std::cell::RefCell::new(std::collections::HashMap::new());
+    }
+    let key = (raw.to_string(), region.to_string());
+    if let Some(hit) = RECENT.with(|r| r.borrow().get(&key).cloned()) {
+        return hit;
+    }
+    let answer = parse_e164(raw, region);
+    RECENT.with(|r| {
+        let mut r = r.borrow_mut();
+        if r.len() >= REMEMBERED {
+            r.clear();
+        }
+        r.insert(key, answer.clone());
+    });
+    answer
+}
+
+fn parse_e164(raw: &str, region: &str) -> Option<String> {
     let region = region
         .trim()
         .to_ascii_uppercase()

@@ -70,6 +70,18 @@ struct Data {
     ignore_sort: bool,
     detail_limit: Option<u64>,
     detail_latency: Duration,
+    /// Bumped on every change to `patients`.
+    generation: u64,
+    /// The last listing's filtered and sorted positions, for the next page of the same query.
+    listing: Option<Listing>,
+}
+
+/// A listing's rows (positions in `patients`) for one query (without `limit` and `offset`) at
+/// one generation, so paging through 20,000 patients does not filter and sort on every page.
+struct Listing {
+    generation: u64,
+    query: Vec<(String, String)>,
+    rows: Arc<Vec<usize>>,
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
@@ -105,6 +117,8 @@ impl HintSandbox {
                     ignore_sort: false,
                     detail_limit: None,
                     detail_latency: Duration::ZERO,
+                    generation: 0,
+                    listing: None,
                 }),
                 requests: AtomicU64::new(0),
                 rate_limited: AtomicU64::new(0),
@@ -133,13 +147,21 @@ impl HintSandbox {
 
     /// Ignore `updated_at` ranges, as a server that does not support them would.
     pub fn ignoring_updated_at_filter(self) -> Self {
-        self.state().ignore_updated_filter = true;
+        {
+            let mut s = self.state();
+            s.ignore_updated_filter = true;
+            s.generation += 1;
+        }
         self
     }
 
     /// Ignore `sort`, listing in insertion order.
     pub fn ignoring_sort(self) -> Self {
-        self.state().ignore_sort = true;
+        {
+            let mut s = self.state();
+            s.ignore_sort = true;
+            s.generation += 1;
+        }
         self
     }
 
@@ -161,6 +183,7 @@ impl HintSandbox {
     /// Adds a patient or replaces the one with the same id.
     pub fn upsert_patient(&self, patient: Value) {
         let mut s = self.state();
+        s.generation += 1;
         let id = patient.get("id").cloned();
         match s.patients.iter_mut().find(|p| p.get("id") == id.as_ref()) {
             Some(existing) => *existing = patient,
@@ -171,6 +194,7 @@ impl HintSandbox {
     /// Removes a patient (as `DELETE` would) and returns it, for a `patient.destroyed` event.
     pub fn delete_patient(&self, id: &str) -> Option<Value> {
         let mut s = self.state();
+        s.generation += 1;
         let i = s.patients.iter().position(|p| p["id"] == id)?;
         Some(s.patients.remove(i))
     }
@@ -296,6 +320,64 @@ fn in_range(t: Option<DateTime<Utc>>, range: &Range) -> bool {
     })
 }
 
+/// The positions of the patients a listing query selects, in its order.
+fn listing_rows(
+    s: &Data,
+    get: &dyn Fn(&str) -> Option<String>,
+    updated: &Range,
+    created: &Range,
+) -> Vec<usize> {
+    let filter = get("filter");
+    let mut rows: Vec<(usize, &Value)> = s
+        .patients
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| {
+            let archived = p["membership_status"] == "archived";
+            match filter.as_deref() {
+                Some("all") => true,
+                Some("archived") => archived,
+                _ => !archived,
+            }
+        })
+        .filter(|(_, p)| s.ignore_updated_filter || in_range(timestamp(p, "updated_at"), updated))
+        .filter(|(_, p)| in_range(timestamp(p, "created_at"), created))
+        .filter(|(_, p)| {
+            ["first_name", "last_name", "email"]
+                .iter()
+                .all(|f| match get(f) {
+                    None => true,
+                    Some(want) => p[*f]
+                        .as_str()
+                        .is_some_and(|have| have.eq_ignore_ascii_case(&want)),
+                })
+        })
+        .collect();
+    if let (Some(sort), false) = (get("sort"), s.ignore_sort) {
+        let (field, descending) = match sort.strip_prefix('-') {
+            Some(f) => (f.to_string(), true),
+            None => (sort.clone(), false),
+        };
+        let key = |p: &Value| -> (String, String) {
+            let v = match timestamp(p, &field) {
+                Some(t) => t.to_rfc3339_opts(SecondsFormat::Micros, true),
+                None => match &p[&field[..]] {
+                    Value::String(s) => s.to_lowercase(),
+                    Value::Null => String::new(),
+                    other => other.to_string(),
+                },
+            };
+            (v, p["id"].as_str().unwrap_or_default().to_string())
+        };
+        // Keys are built once per row, not once per comparison.
+        rows.sort_by_cached_key(|(_, p)| key(p));
+        if descending {
+            rows.reverse();
+        }
+    }
+    rows.into_iter().map(|(i, _)| i).collect()
+}
+
 async fn list_patients(
     State(sb): State<HintSandbox>,
     headers: HeaderMap,
@@ -333,55 +415,38 @@ async fn list_patients(
         (Ok(u), Ok(c)) => (u, c),
         (Err(e), _) | (_, Err(e)) => return e.into_response(),
     };
-    let s = sb.state();
-    let filter = get("filter");
-    let mut rows: Vec<&Value> = s
-        .patients
+    let mut guard = sb.state();
+    let mut query: Vec<(String, String)> = params
         .iter()
-        .filter(|p| {
-            let archived = p["membership_status"] == "archived";
-            match filter.as_deref() {
-                Some("all") => true,
-                Some("archived") => archived,
-                _ => !archived,
-            }
-        })
-        .filter(|p| s.ignore_updated_filter || in_range(timestamp(p, "updated_at"), &updated))
-        .filter(|p| in_range(timestamp(p, "created_at"), &created))
-        .filter(|p| {
-            ["first_name", "last_name", "email"]
-                .iter()
-                .all(|f| match get(f) {
-                    None => true,
-                    Some(want) => p[*f]
-                        .as_str()
-                        .is_some_and(|have| have.eq_ignore_ascii_case(&want)),
-                })
-        })
+        .filter(|(k, _)| k != "limit" && k != "offset")
+        .cloned()
         .collect();
-    if let (Some(sort), false) = (get("sort"), s.ignore_sort) {
-        let (field, descending) = match sort.strip_prefix('-') {
-            Some(f) => (f.to_string(), true),
-            None => (sort.clone(), false),
-        };
-        let key = |p: &Value| -> (String, String) {
-            let v = match timestamp(p, &field) {
-                Some(t) => t.to_rfc3339_opts(SecondsFormat::Micros, true),
-                None => match &p[&field[..]] {
-                    Value::String(s) => s.to_lowercase(),
-                    Value::Null => String::new(),
-                    other => other.to_string(),
-                },
-            };
-            (v, p["id"].as_str().unwrap_or_default().to_string())
-        };
-        rows.sort_by_key(|p| key(p));
-        if descending {
-            rows.reverse();
+    query.sort();
+    let cached = guard
+        .listing
+        .as_ref()
+        .filter(|l| l.generation == guard.generation && l.query == query)
+        .map(|l| l.rows.clone());
+    let rows = match cached {
+        Some(rows) => rows,
+        None => {
+            let rows = Arc::new(listing_rows(&guard, &get, &updated, &created));
+            guard.listing = Some(Listing {
+                generation: guard.generation,
+                query,
+                rows: rows.clone(),
+            });
+            rows
         }
-    }
+    };
+    let s = &*guard;
     let total = rows.len();
-    let page: Vec<Value> = rows.into_iter().skip(offset).take(limit).cloned().collect();
+    let page: Vec<Value> = rows
+        .iter()
+        .skip(offset)
+        .take(limit)
+        .map(|&i| s.patients[i].clone())
+        .collect();
     let mut response = Json(&page).into_response();
     let h = response.headers_mut();
     h.insert("x-count", HeaderValue::from(page.len()));

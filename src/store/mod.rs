@@ -702,6 +702,33 @@ pub trait StoreTx: Send {
         &mut self,
         items: &[(SourceKey, Vec<String>)],
     ) -> StoreResult<()>;
+    /// The ids among `ids` of `source` that have a stored record or a link.
+    async fn known_source_ids(
+        &mut self,
+        source: SourceKind,
+        ids: &[crate::model::SourceId],
+    ) -> StoreResult<std::collections::HashSet<crate::model::SourceId>>;
+    /// Inserts records known to be new (see [`StoreTx::known_source_ids`]) in few statements.
+    async fn insert_new_source_records(&mut self, records: &[&SourceRecord]) -> StoreResult<()>;
+    /// `(blocking key, patient)` for every linked record holding one of `keys`.
+    async fn find_patients_by_keys(
+        &mut self,
+        keys: &[String],
+    ) -> StoreResult<Vec<(String, PatientId)>>;
+    /// Every record linked to one of `patient_ids`, with its patient, without the raw payload
+    /// (`raw` is JSON null): what matching and survivorship read.
+    async fn load_linked_records_many(
+        &mut self,
+        patient_ids: &[PatientId],
+    ) -> StoreResult<Vec<(PatientId, SourceRecord)>>;
+    /// The canonical rows of `ids` that exist.
+    async fn load_patients_many(&mut self, ids: &[PatientId]) -> StoreResult<Vec<PatientRow>>;
+    /// `(record id, patient)` pairs an admin rejected, for records of `source` among `ids`.
+    async fn load_rejected_many(
+        &mut self,
+        source: SourceKind,
+        ids: &[crate::model::SourceId],
+    ) -> StoreResult<Vec<(crate::model::SourceId, PatientId)>>;
 }
 
 /// A source's resync lease and pass counter (`resync_runs`).

@@ -1243,16 +1243,17 @@ macro_rules! impl_store {
             }
 
             async fn mark_resync_seen(&mut self, source: SourceKind, ids: &[SourceId], pass: i64) -> StoreResult<()> {
-                for id in ids {
-                    sqlx::query(
-                        "UPDATE source_records SET resync_pass = $3, missing_passes = 0, missing_checked_pass = NULL, \
-                         missing_since = NULL WHERE source = $1 AND source_id = $2",
-                    )
-                    .bind(source.as_str())
-                    .bind(id.as_str())
-                    .bind(pass)
-                    .execute(&mut *self.tx)
-                    .await?;
+                for chunk in ids.chunks(crate::store::sql::BATCH_PARAMS - 2) {
+                    let sql = format!(
+                        "UPDATE source_records SET resync_pass = $2, missing_passes = 0, missing_checked_pass = NULL, \
+                         missing_since = NULL WHERE source = $1 AND source_id IN ({})",
+                        crate::store::sql::numbered(3, chunk.len())
+                    );
+                    let mut q = sqlx::query(&sql).bind(source.as_str()).bind(pass);
+                    for id in chunk {
+                        q = q.bind(id.as_str());
+                    }
+                    q.execute(&mut *self.tx).await?;
                 }
                 Ok(())
             }
@@ -1418,6 +1419,146 @@ macro_rules! impl_store {
                 }
                 Ok(())
             }
+
+            async fn known_source_ids(
+                &mut self,
+                source: SourceKind,
+                ids: &[SourceId],
+            ) -> StoreResult<std::collections::HashSet<SourceId>> {
+                let mut known = std::collections::HashSet::new();
+                for chunk in ids.chunks(crate::store::sql::BATCH_PARAMS / 2 - 1) {
+                    let list = crate::store::sql::numbered(2, chunk.len());
+                    let sql = format!(
+                        "SELECT source_id FROM source_records WHERE source = $1 AND source_id IN ({list}) \
+                         UNION SELECT source_id FROM links WHERE source = $1 AND source_id IN ({list})"
+                    );
+                    let mut q = sqlx::query(&sql).bind(source.as_str());
+                    for id in chunk {
+                        q = q.bind(id.as_str());
+                    }
+                    for row in q.fetch_all(&mut *self.tx).await? {
+                        known.insert(SourceId(row.try_get("source_id")?));
+                    }
+                }
+                Ok(known)
+            }
+
+            async fn insert_new_source_records(&mut self, records: &[&SourceRecord]) -> StoreResult<()> {
+                for chunk in records.chunks(crate::store::sql::BATCH_PARAMS / 8) {
+                    let sql = format!(
+                        "INSERT INTO source_records (source, source_id, status, merged_into, fields, raw, source_updated_at, fetched_at) \
+                         VALUES {}",
+                        crate::store::sql::placeholders(chunk.len(), 8)
+                    );
+                    let mut q = sqlx::query(&sql);
+                    for record in chunk {
+                        let fields = serde_json::to_string(&record.fields)
+                            .map_err(|e| StoreError::corrupt("source record fields", e))?;
+                        let raw = serde_json::to_string(&record.raw)
+                            .map_err(|e| StoreError::corrupt("source record payload", e))?;
+                        q = q
+                            .bind(record.key.source.as_str())
+                            .bind(record.key.id.as_str())
+                            .bind(record.status.as_str())
+                            .bind(record.merged_into.as_ref().map(|m| m.as_str()))
+                            .bind(fields)
+                            .bind(raw)
+                            .bind(record.source_updated_at)
+                            .bind(record.fetched_at);
+                    }
+                    q.execute(&mut *self.tx).await?;
+                }
+                Ok(())
+            }
+
+            async fn find_patients_by_keys(&mut self, keys: &[String]) -> StoreResult<Vec<(String, PatientId)>> {
+                let mut found = Vec::new();
+                for chunk in keys.chunks(crate::store::sql::BATCH_PARAMS) {
+                    let sql = format!(
+                        "SELECT DISTINCT m.key, l.patient_id FROM match_keys m \
+                         JOIN links l ON l.source = m.source AND l.source_id = m.source_id \
+                         WHERE m.key IN ({})",
+                        crate::store::sql::numbered(1, chunk.len())
+                    );
+                    let mut q = sqlx::query(&sql);
+                    for k in chunk {
+                        q = q.bind(k);
+                    }
+                    for row in q.fetch_all(&mut *self.tx).await? {
+                        found.push((row.try_get("key")?, PatientId(row.try_get("patient_id")?)));
+                    }
+                }
+                Ok(found)
+            }
+
+            async fn load_linked_records_many(
+                &mut self,
+                patient_ids: &[PatientId],
+            ) -> StoreResult<Vec<(PatientId, SourceRecord)>> {
+                let columns = RECORD_COLUMNS
+                    .split(", ")
+                    .map(|c| if c == "raw" { "'null' AS raw".to_string() } else { format!("r.{c}") })
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let mut out = Vec::new();
+                for chunk in patient_ids.chunks(crate::store::sql::BATCH_PARAMS) {
+                    let sql = format!(
+                        "SELECT l.patient_id AS linked_patient_id, {columns} FROM source_records r \
+                         JOIN links l ON l.source = r.source AND l.source_id = r.source_id \
+                         WHERE l.patient_id IN ({}) ORDER BY r.source, r.source_id",
+                        crate::store::sql::numbered(1, chunk.len())
+                    );
+                    let mut q = sqlx::query(&sql);
+                    for id in chunk {
+                        q = q.bind(id.as_str());
+                    }
+                    for row in q.fetch_all(&mut *self.tx).await? {
+                        out.push((PatientId(row.try_get("linked_patient_id")?), record_from_row(&row)?));
+                    }
+                }
+                Ok(out)
+            }
+
+            async fn load_patients_many(&mut self, ids: &[PatientId]) -> StoreResult<Vec<PatientRow>> {
+                let mut out = Vec::new();
+                for chunk in ids.chunks(crate::store::sql::BATCH_PARAMS) {
+                    let sql = format!(
+                        "SELECT {PATIENT_COLUMNS} FROM patients WHERE patient_id IN ({})",
+                        crate::store::sql::numbered(1, chunk.len())
+                    );
+                    let mut q = sqlx::query(&sql);
+                    for id in chunk {
+                        q = q.bind(id.as_str());
+                    }
+                    for row in q.fetch_all(&mut *self.tx).await? {
+                        out.push(patient_from_row(&row)?);
+                    }
+                }
+                Ok(out)
+            }
+
+            async fn load_rejected_many(
+                &mut self,
+                source: SourceKind,
+                ids: &[SourceId],
+            ) -> StoreResult<Vec<(SourceId, PatientId)>> {
+                let mut out = Vec::new();
+                for chunk in ids.chunks(crate::store::sql::BATCH_PARAMS - 1) {
+                    let sql = format!(
+                        "SELECT source_id, patient_id FROM match_reviews \
+                         WHERE source = $1 AND state = 'rejected' AND source_id IN ({})",
+                        crate::store::sql::numbered(2, chunk.len())
+                    );
+                    let mut q = sqlx::query(&sql).bind(source.as_str());
+                    for id in chunk {
+                        q = q.bind(id.as_str());
+                    }
+                    for row in q.fetch_all(&mut *self.tx).await? {
+                        out.push((SourceId(row.try_get("source_id")?), PatientId(row.try_get("patient_id")?)));
+                    }
+                }
+                Ok(out)
+            }
         }
     };
 }
@@ -1445,6 +1586,14 @@ pub(crate) fn placeholders(rows: usize, cols: usize) -> String {
         out.push(')');
     }
     out
+}
+
+/// `$first, $first+1, ...`: `count` numbered placeholders for an `IN (...)` list.
+pub(crate) fn numbered(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub(crate) use impl_store;

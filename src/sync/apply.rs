@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 
 use crate::identity::{self, Candidate, LinkTarget, MatchConfig, SurvivorshipConfig};
 use crate::model::{PatientId, RecordStatus, SourceKey, SourceRecord};
-use crate::store::{Link, LinkEvent, LinkMethod, SaveOutcome, StoreResult, StoreTx};
+use crate::store::{Link, LinkEvent, LinkMethod, PatientRow, SaveOutcome, StoreResult, StoreTx};
 
 /// Matching and survivorship settings, shared by every apply.
 #[derive(Debug, Clone, Default)]
@@ -294,17 +294,29 @@ pub async fn refresh_patient(
         return Ok(());
     }
     let golden = identity::golden_record(patient_id, &records, &settings.survivorship, now);
-    let mut row = golden.row;
-    match &previous {
+    match next_row(golden.row, previous.as_ref(), now) {
+        Some(row) => tx.save_patient(&row, &golden.provenance).await,
+        // Same values: no new version, even if an equal value now comes from another record.
+        None => Ok(()),
+    }
+}
+
+/// The row to save for a recomputed golden row, or `None` when the stored values are the same
+/// (then no new version): the stored row keeps its `first_seen_at` and the version goes up.
+pub(crate) fn next_row(
+    mut row: PatientRow,
+    previous: Option<&PatientRow>,
+    now: DateTime<Utc>,
+) -> Option<PatientRow> {
+    match previous {
         Some(old) => {
             let mut comparable = row.clone();
             comparable.first_seen_at = old.first_seen_at;
             comparable.updated_at = old.updated_at;
             comparable.version = old.version;
             comparable.merged_into = old.merged_into.clone();
-            // Same values: no new version, even if an equal value now comes from another record.
             if comparable == *old {
-                return Ok(());
+                return None;
             }
             row.first_seen_at = old.first_seen_at;
             row.version = old.version + 1;
@@ -316,5 +328,5 @@ pub async fn refresh_patient(
     }
     row.updated_at = now;
     row.merged_into = None;
-    tx.save_patient(&row, &golden.provenance).await
+    Some(row)
 }

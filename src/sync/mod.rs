@@ -4,6 +4,7 @@ pub mod poll;
 
 pub mod admin;
 pub mod apply;
+pub mod apply_batch;
 pub mod import;
 pub mod rebuild;
 pub mod resync;

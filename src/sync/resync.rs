@@ -37,6 +37,7 @@ use crate::sources::http::{bulk, BudgetSnapshot, FetchError};
 use crate::sources::{healthie::Healthie, hint::Hint, intakeq::Intakeq, ConvertError, Source};
 use crate::store::{now_ms, SaveOutcome, Store, StoreError, SyncState};
 use crate::sync::apply::{apply_record, IdentitySettings};
+use crate::sync::apply_batch::apply_records;
 
 /// `sync_state` stream prefix of a resync stream's checkpoint.
 pub const STATE_PREFIX: &str = "resync:";
@@ -950,16 +951,17 @@ async fn take_page(
     match sink {
         Sink::Apply { identity, pass } => {
             let now = Utc::now();
-            let mut tx = store.begin().await?;
+            let mut records = Vec::with_capacity(page.rows.len());
             for row in &page.rows {
                 match &row.record {
-                    Ok(Some(record)) => {
-                        let applied = apply_record(tx.as_mut(), record, identity, now).await?;
-                        count(summary, applied.outcome);
-                    }
+                    Ok(Some(record)) => records.push(record),
                     Ok(None) => {}
                     Err(why) => reject(summary, kind, stream, why),
                 }
+            }
+            let mut tx = store.begin().await?;
+            for applied in apply_records(tx.as_mut(), &records, identity, now).await? {
+                count(summary, applied.outcome);
             }
             tx.mark_resync_seen(kind, &ids, *pass).await?;
             tx.commit().await?;

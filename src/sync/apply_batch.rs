@@ -1,0 +1,255 @@
+//! Applying a page of records in one go: records never stored before (a resync's first pass,
+//! an import into a new store) are decided one by one in memory, as [`apply_record`] would in
+//! the same order, but read and written with a few multi-row statements for the whole group.
+//! Any other record (already stored or linked, merged away upstream, or listed twice) goes
+//! through [`apply_record`] itself, in its place in the order.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+
+use crate::identity::{self, LinkTarget, Prepared, PreparedCandidate};
+use crate::model::{PatientId, RecordStatus, SourceId, SourceKey, SourceKind, SourceRecord};
+use crate::store::{Link, LinkEvent, LinkMethod, SaveOutcome, StoreResult, StoreTx};
+use crate::sync::apply::{apply_record, next_row, Applied, IdentitySettings};
+
+/// Applies `records` in order inside the caller's transaction; one [`Applied`] per record.
+/// The result equals calling [`apply_record`] for each in turn.
+pub async fn apply_records(
+    tx: &mut dyn StoreTx,
+    records: &[&SourceRecord],
+    settings: &IdentitySettings,
+    now: DateTime<Utc>,
+) -> StoreResult<Vec<Applied>> {
+    let mut known: HashSet<SourceKey> = HashSet::new();
+    let mut by_source: HashMap<SourceKind, Vec<SourceId>> = HashMap::new();
+    for r in records {
+        by_source
+            .entry(r.key.source)
+            .or_default()
+            .push(r.key.id.clone());
+    }
+    for (source, ids) in by_source {
+        known.extend(
+            tx.known_source_ids(source, &ids)
+                .await?
+                .into_iter()
+                .map(|id| SourceKey::new(source, id)),
+        );
+    }
+
+    let mut out = Vec::with_capacity(records.len());
+    let mut group: Vec<&SourceRecord> = Vec::new();
+    let mut grouped: HashSet<&SourceKey> = HashSet::new();
+    for &record in records {
+        let new = !known.contains(&record.key)
+            && record.status != RecordStatus::Merged
+            && record.merged_into.is_none()
+            && grouped.insert(&record.key);
+        if new {
+            group.push(record);
+            continue;
+        }
+        out.extend(apply_new_records(tx, &group, settings, now).await?);
+        group.clear();
+        out.push(apply_record(tx, record, settings, now).await?);
+    }
+    out.extend(apply_new_records(tx, &group, settings, now).await?);
+    Ok(out)
+}
+
+/// Applies records with distinct keys that have no stored record and no link, none merged
+/// away. Each is decided against the patients its blocking keys reach, including patients
+/// the group's earlier records created or joined.
+async fn apply_new_records(
+    tx: &mut dyn StoreTx,
+    records: &[&SourceRecord],
+    settings: &IdentitySettings,
+    now: DateTime<Utc>,
+) -> StoreResult<Vec<Applied>> {
+    if records.is_empty() {
+        return Ok(Vec::new());
+    }
+    let cfg = &settings.matching;
+    // The locks `apply_record` takes, in its order: record keys, then blocking keys.
+    for r in records {
+        tx.lock(&r.key.to_string()).await?;
+    }
+    let mine: Vec<Prepared> = records.iter().map(|r| Prepared::new(r, cfg)).collect();
+    let keys: Vec<Vec<String>> = mine.iter().map(|p| p.record_blocking_keys()).collect();
+    let all_keys: Vec<String> = keys
+        .iter()
+        .flatten()
+        .cloned()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    for k in &all_keys {
+        tx.lock(&format!("match_key:{k}")).await?;
+    }
+    tx.insert_new_source_records(records).await?;
+    let key_items: Vec<(SourceKey, Vec<String>)> = records
+        .iter()
+        .zip(&keys)
+        .map(|(r, k)| (r.key.clone(), k.clone()))
+        .collect();
+    tx.replace_match_keys_many(&key_items).await?;
+
+    // Patients reachable now, through records linked before this group.
+    let mut reach: HashMap<String, BTreeSet<PatientId>> = HashMap::new();
+    for (key, patient) in tx.find_patients_by_keys(&all_keys).await? {
+        reach.entry(key).or_default().insert(patient);
+    }
+    let candidates: BTreeSet<PatientId> = reach.values().flatten().cloned().collect();
+    for p in &candidates {
+        tx.lock(p.as_str()).await?;
+    }
+    let candidates: Vec<PatientId> = candidates.into_iter().collect();
+    let mut members: HashMap<PatientId, Vec<SourceRecord>> = HashMap::new();
+    for (patient, record) in tx.load_linked_records_many(&candidates).await? {
+        members.entry(patient).or_default().push(record);
+    }
+    let mut rejected: HashSet<(SourceKey, PatientId)> = HashSet::new();
+    let mut ids_by_source: HashMap<SourceKind, Vec<SourceId>> = HashMap::new();
+    for r in records {
+        ids_by_source
+            .entry(r.key.source)
+            .or_default()
+            .push(r.key.id.clone());
+    }
+    for (source, ids) in ids_by_source {
+        for (id, patient) in tx.load_rejected_many(source, &ids).await? {
+            rejected.insert((SourceKey::new(source, id), patient));
+        }
+    }
+    // Every record a decision can look at, prepared once.
+    let mut prepared: HashMap<SourceKey, Prepared> = members
+        .values()
+        .flatten()
+        .map(|r| (r.key.clone(), Prepared::new(r, cfg)))
+        .collect();
+    for p in mine {
+        prepared.insert(p.key.clone(), p);
+    }
+    let mut member_keys: HashMap<PatientId, Vec<SourceKey>> = members
+        .iter()
+        .map(|(p, rs)| (p.clone(), rs.iter().map(|r| r.key.clone()).collect()))
+        .collect();
+
+    let mut links = Vec::with_capacity(records.len());
+    let mut touched: Vec<PatientId> = Vec::new();
+    let mut applied = Vec::with_capacity(records.len());
+    for (record, record_keys) in records.iter().zip(&keys) {
+        let reached: BTreeSet<&PatientId> = record_keys
+            .iter()
+            .filter_map(|k| reach.get(k))
+            .flatten()
+            .collect();
+        let decision = if reached.is_empty() {
+            None
+        } else {
+            let views: Vec<PreparedCandidate> = reached
+                .iter()
+                .map(|&p| PreparedCandidate {
+                    patient_id: p.clone(),
+                    records: member_keys
+                        .get(p)
+                        .map(|ks| ks.iter().map(|k| &prepared[k]).collect())
+                        .unwrap_or_default(),
+                    rejected: rejected.contains(&(record.key.clone(), p.clone())),
+                })
+                .collect();
+            Some(identity::decide_prepared(
+                &prepared[&record.key],
+                &views,
+                cfg,
+            ))
+        };
+        if let Some(decision) = &decision {
+            for review in &decision.reviews {
+                tx.open_review(&record.key, &review.patient_id, review.score, now)
+                    .await?;
+            }
+        }
+        let (patient_id, method, rule, score) = match decision.map(|d| d.target) {
+            Some(LinkTarget::Existing {
+                patient_id,
+                method,
+                rule,
+                score,
+            }) => (patient_id, method, rule, score),
+            _ => {
+                let id = PatientId::generate();
+                tx.lock(id.as_str()).await?;
+                (id, LinkMethod::New, None, None)
+            }
+        };
+        links.push((
+            Link {
+                key: record.key.clone(),
+                patient_id: patient_id.clone(),
+                method,
+                rule: rule.clone(),
+                score,
+                decided_by: "auto".into(),
+                decided_at: now,
+            },
+            LinkEvent {
+                key: record.key.clone(),
+                action: "link".into(),
+                patient_id: Some(patient_id.clone()),
+                previous_patient_id: None,
+                method,
+                rule,
+                score,
+                decided_by: "auto".into(),
+                at: now,
+            },
+        ));
+        for k in record_keys {
+            reach
+                .entry(k.clone())
+                .or_default()
+                .insert(patient_id.clone());
+        }
+        member_keys
+            .entry(patient_id.clone())
+            .or_default()
+            .push(record.key.clone());
+        members
+            .entry(patient_id.clone())
+            .or_default()
+            .push((*record).clone());
+        if !touched.contains(&patient_id) {
+            touched.push(patient_id.clone());
+        }
+        applied.push(Applied {
+            outcome: SaveOutcome::Created,
+            patient_id: Some(patient_id),
+        });
+    }
+    tx.save_links(&links).await?;
+
+    // The golden rows of every patient the group joined or created, as `refresh_patient`
+    // computes them.
+    let previous: HashMap<PatientId, _> = tx
+        .load_patients_many(&touched)
+        .await?
+        .into_iter()
+        .map(|row| (row.patient_id.clone(), row))
+        .collect();
+    let mut rows = Vec::with_capacity(touched.len());
+    for patient_id in &touched {
+        let golden = identity::golden_record(
+            patient_id,
+            &members[patient_id],
+            &settings.survivorship,
+            now,
+        );
+        if let Some(row) = next_row(golden.row, previous.get(patient_id), now) {
+            rows.push((row, golden.provenance));
+        }
+    }
+    tx.save_patients(&rows).await?;
+    Ok(applied)
+}
