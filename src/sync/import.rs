@@ -2,7 +2,8 @@
 //! (a Healthie `User`, an IntakeQ client profile, a Hint patient).
 //!
 //! Each line is parsed with the source's `parse_record` and applied with
-//! [`apply_record`](crate::sync::apply::apply_record), the same path a fetched snapshot takes
+//! [`apply_records`], the path a resync page takes and decided as
+//! [`apply_record`](crate::sync::apply::apply_record) decides each fetched snapshot
 //! (monotonic save, matching, golden rows). Lines are applied straight away rather than queued
 //! in the inbox so the summary can say what each line did (created, updated, unchanged) and no
 //! worker, network access or API key is needed: the source is constructed but never called.
@@ -18,10 +19,11 @@ use tracing::{info, instrument};
 
 use crate::config::Settings;
 use crate::metrics::Metrics;
-use crate::model::SourceKind;
+use crate::model::{SourceKind, SourceRecord};
 use crate::sources::{healthie::Healthie, hint::Hint, intakeq::Intakeq, ConvertError, Source};
-use crate::store::{SaveOutcome, Store, StoreError, StoreTx};
-use crate::sync::apply::{apply_record, IdentitySettings};
+use crate::store::{SaveOutcome, Store, StoreError};
+use crate::sync::apply::IdentitySettings;
+use crate::sync::apply_batch::apply_records;
 
 /// Lines applied per transaction.
 pub const BATCH_LINES: usize = 500;
@@ -93,8 +95,7 @@ pub async fn import_lines<R: BufRead + Send>(
     now: DateTime<Utc>,
 ) -> Result<ImportSummary, ImportError> {
     let mut summary = ImportSummary::default();
-    let mut tx: Option<Box<dyn StoreTx>> = None;
-    let mut in_batch = 0;
+    let mut batch: Vec<SourceRecord> = Vec::with_capacity(BATCH_LINES);
     for (index, line) in reader.split(b'\n').enumerate() {
         let number = index as u64 + 1;
         let bytes = line.map_err(ImportError::Read)?;
@@ -126,28 +127,13 @@ pub async fn import_lines<R: BufRead + Send>(
                 continue;
             }
         };
-        if tx.is_none() {
-            tx = Some(store.begin().await?);
-        }
-        let open = tx.as_mut().expect("a transaction is open");
-        let applied = apply_record(open.as_mut(), &record, settings, now).await?;
-        match applied.outcome {
-            SaveOutcome::Created => summary.created += 1,
-            SaveOutcome::Updated => summary.updated += 1,
-            SaveOutcome::Unchanged => summary.unchanged += 1,
-            SaveOutcome::Stale => summary.stale += 1,
-        }
-        in_batch += 1;
-        if in_batch >= BATCH_LINES {
-            if let Some(open) = tx.take() {
-                open.commit().await?;
-            }
-            in_batch = 0;
+        batch.push(record);
+        if batch.len() >= BATCH_LINES {
+            apply_batch(store, &batch, settings, now, &mut summary).await?;
+            batch.clear();
         }
     }
-    if let Some(open) = tx.take() {
-        open.commit().await?;
-    }
+    apply_batch(store, &batch, settings, now, &mut summary).await?;
     info!(
         lines = summary.lines,
         created = summary.created,
@@ -158,6 +144,31 @@ pub async fn import_lines<R: BufRead + Send>(
         "Import finished."
     );
     Ok(summary)
+}
+
+/// Applies one batch of parsed lines in one transaction and counts what each did.
+async fn apply_batch(
+    store: &dyn Store,
+    batch: &[SourceRecord],
+    settings: &IdentitySettings,
+    now: DateTime<Utc>,
+    summary: &mut ImportSummary,
+) -> Result<(), ImportError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let records: Vec<&SourceRecord> = batch.iter().collect();
+    let mut tx = store.begin().await?;
+    for applied in apply_records(tx.as_mut(), &records, settings, now).await? {
+        match applied.outcome {
+            SaveOutcome::Created => summary.created += 1,
+            SaveOutcome::Updated => summary.updated += 1,
+            SaveOutcome::Unchanged => summary.unchanged += 1,
+            SaveOutcome::Stale => summary.stale += 1,
+        }
+    }
+    tx.commit().await?;
+    Ok(())
 }
 
 fn reject(summary: &mut ImportSummary, line: u64, reason: String) {
