@@ -64,6 +64,7 @@ pub struct Settings {
     pub identity: IdentityConfig,
     pub log: LogSettings,
     pub resync: ResyncSettings,
+    pub rate_limit: RateLimitSettings,
 }
 
 /// `[identity]`: matching thresholds, trusted ids, shared contacts and survivorship priorities.
@@ -229,6 +230,15 @@ impl ResyncSettings {
         }
         Ok(())
     }
+}
+
+/// `[rate_limit]`: limits shared by every process using the database.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSettings {
+    /// Each request also reserves a slot of its credential's limits in the database, so
+    /// processes sharing it (replicas, a resync beside `serve`) stay within them together.
+    pub shared: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

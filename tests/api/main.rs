@@ -19,5 +19,6 @@ mod phi;
 mod queue;
 mod resync;
 mod scale;
+mod shared_limit;
 mod sources_flow;
 mod store;
