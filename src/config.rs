@@ -877,4 +877,15 @@ mod tests {
         .unwrap();
         assert_eq!(s.sources.hint.live_reserved_share, 0.0);
     }
+
+    #[test]
+    fn shared_rate_limits_are_on_by_default_and_a_bad_value_names_its_key() {
+        let s = Settings::load_from(None, &[]).unwrap();
+        assert!(s.rate_limit.shared);
+        let off = env(&[("PATIENT_SYNC_RATE_LIMIT__SHARED", "false")]);
+        assert!(!Settings::load_from(None, &off).unwrap().rate_limit.shared);
+        let bad = env(&[("PATIENT_SYNC_RATE_LIMIT__SHARED", "sometimes")]);
+        let err = Settings::load_from(None, &bad).unwrap_err().to_string();
+        assert!(err.contains("`rate_limit.shared`"), "{err}");
+    }
 }

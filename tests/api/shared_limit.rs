@@ -3,7 +3,9 @@
 //! and burst; bulk work from both stays within its share while a live caller gets through; a
 //! rate-limit answer seen by one pauses the other; a daily allowance is spent once.
 //!
-//! The upstream is a tiny local server that records when each request arrived.
+//! The upstream is a tiny local server that records when each request arrived. A last test
+//! runs the binary: `resync` and `sync` as two processes on one SQLite file against the
+//! Healthie fake enforcing the configured limit, which answers none of them rate-limited.
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +19,9 @@ use chrono::{NaiveTime, TimeZone, Utc};
 use governor::Quota;
 use patient_sync::metrics::Metrics;
 use patient_sync::model::SourceKind;
+use patient_sync::sandbox::healthie::{HealthieConfig, RateLimit};
+use patient_sync::sandbox::population::PopulationConfig;
+use patient_sync::sandbox::{Sandbox, SandboxConfig};
 use patient_sync::sources::http::{
     bulk, Clock, DailyBudget, ManualClock, Upstream, UpstreamPolicy,
 };
@@ -265,6 +270,81 @@ async fn two_processes_spend_a_daily_allowance_once(db: Db) {
     );
     assert_eq!(budget_b.snapshot().used, 1);
     assert_eq!(counter.arrivals("day").len(), 7);
+}
+
+/// The binary with Healthie at `healthie_url` limited to 4 requests a second with a burst of 2.
+fn patient_sync(args: &[&str], db_url: &str, healthie_url: &str) -> std::process::Child {
+    std::process::Command::new(crate::crash::BIN)
+        .args(args)
+        .env("PATIENT_SYNC_DATABASE__URL", db_url)
+        .env("PATIENT_SYNC_SOURCES__HEALTHIE__API_URL", healthie_url)
+        .env(
+            "PATIENT_SYNC_SOURCES__HEALTHIE__API_KEY",
+            HealthieConfig::default().api_key,
+        )
+        .env("PATIENT_SYNC_SOURCES__HEALTHIE__REQUESTS_PER_SECOND", "4")
+        .env("PATIENT_SYNC_SOURCES__HEALTHIE__BURST", "2")
+        .env("PATIENT_SYNC_LOG__LEVEL", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start patient-sync")
+}
+
+/// Waits for `child` to exit (killing it after `deadline`) and returns its exit code.
+async fn exit_code(mut child: std::process::Child, deadline: Duration) -> Option<i32> {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for patient-sync") {
+            return status.code();
+        }
+        if started.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("patient-sync did not finish within {deadline:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `resync` (bulk lane) and `sync` (a full sweep in the bulk lane, then refetches in the live
+/// lane) at once: each alone may send 4 a second, together they would send up to twice that
+/// with limits of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_and_sync_processes_together_get_no_rate_limited_answer() {
+    let sandbox = Sandbox::start(SandboxConfig {
+        population: PopulationConfig {
+            people: 800,
+            seed: 66,
+            ..Default::default()
+        },
+        healthie: HealthieConfig {
+            rate_limit: Some(RateLimit {
+                requests_per_second: 4.0,
+                burst: 2,
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await
+    .expect("sandbox starts");
+    let dir = tempfile::tempdir().unwrap();
+    let db_url = format!("sqlite:{}", dir.path().join("two.sqlite").display());
+    let url = sandbox.healthie_url();
+    let migrate = patient_sync(&["migrate"], &db_url, &url);
+    assert_eq!(exit_code(migrate, Duration::from_secs(60)).await, Some(0));
+    let resync = patient_sync(&["resync", "--source", "healthie"], &db_url, &url);
+    let sync = patient_sync(&["sync"], &db_url, &url);
+    let (resync, sync) = tokio::join!(
+        exit_code(resync, Duration::from_secs(240)),
+        exit_code(sync, Duration::from_secs(240))
+    );
+    assert_eq!(resync, Some(0), "the resync completed");
+    assert!(sync.is_some(), "sync exited by itself");
+    let counters = sandbox.healthie_counters().snapshot();
+    assert!(counters.requests >= 30, "{counters:?}");
+    assert_eq!(counters.rate_limited, 0, "{counters:?}");
 }
 
 on_both_backends!(
