@@ -471,8 +471,9 @@ impl Upstream {
                     return waited;
                 }
                 Some(None) => {
-                    // Other processes spent it: wait for the reset, then take from both again.
-                    budget.exhaust();
+                    // Other processes spent what this lane may use: count it spent here too
+                    // (live requests keep the reserve), wait for the reset, take from both again.
+                    budget.observe_used(window_end, budget.limit.saturating_sub(keep));
                     budget.take_keeping(keep).await;
                     waited = true;
                 }
@@ -1061,6 +1062,39 @@ mod tests {
             "the ninth bulk request waited for the reset"
         );
         assert_eq!(clock2.now(), utc(2026, 3, 3, 0));
+    }
+
+    #[tokio::test]
+    async fn a_shared_daily_budget_spent_by_bulk_work_elsewhere_still_serves_live_work_here() {
+        use crate::sources::shared_limit::MemorySlots;
+        let clock = Arc::new(ManualClock::new(utc(2026, 3, 2, 9)));
+        let slots: Arc<dyn RateSlots> = Arc::new(MemorySlots::default());
+        let process = || {
+            let budget = Arc::new(DailyBudget::new(10, NaiveTime::MIN, clock.clone()));
+            let upstream = Upstream::new(
+                SourceKind::Intakeq,
+                UpstreamPolicy::per_second(1000, 1000, Duration::from_secs(1)),
+                Arc::new(Metrics::new()),
+            )
+            .with_daily_budget(budget.clone())
+            .with_live_reserve(0.2);
+            assert!(upstream.share_limits_with_clock(slots.clone(), clock.clone()));
+            (upstream, budget)
+        };
+        let (a, _) = process();
+        let (b, budget_b) = process();
+        for _ in 0..8 {
+            bulk(a.wait_turn()).await;
+        }
+        // `b` itself sent nothing, yet the bulk share of the day is gone; its live work may
+        // still use the reserve.
+        b.wait_turn().await;
+        assert_eq!(clock.sleeps(), 0, "the live request did not wait");
+        assert_eq!(budget_b.snapshot().used, 9);
+        bulk(b.wait_turn()).await;
+        assert_eq!(clock.sleeps(), 1, "the bulk request waited for the reset");
+        assert_eq!(clock.now(), utc(2026, 3, 3, 0));
+        assert_eq!(budget_b.snapshot().used, 1);
     }
 
     fn utc(y: i32, m: u32, d: u32, h: u32) -> DateTime<Utc> {
