@@ -123,8 +123,15 @@ async fn main() -> anyhow::Result<()> {
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
+    // `PATIENT_SYNC_RATE_LIMIT__SHARED=false` measures without the shared (database) limiter.
+    .chain(
+        std::env::var("PATIENT_SYNC_RATE_LIMIT__SHARED")
+            .ok()
+            .map(|v| ("PATIENT_SYNC_RATE_LIMIT__SHARED".to_string(), v)),
+    )
     .collect();
     let settings = Settings::load_from(None, &env)?;
+    println!("shared rate limiter: {}", settings.rate_limit.shared);
     let store = store::connect(&db_url, settings.database.max_connections).await?;
     store.migrate().await?;
     let identity = settings.identity.to_identity_settings();
@@ -152,6 +159,8 @@ async fn main() -> anyhow::Result<()> {
     for (kind, pass) in runs {
         let metrics = Arc::new(Metrics::new());
         let lister = Lister::from_settings(&settings, kind, metrics.clone());
+        // As `patient-sync resync` does: the limits shared through the database when configured.
+        patient_sync::app::share_rate_limits(&settings, &store, [lister.source()]);
         let options = ResyncOptions::from_settings(&settings, &lister, false, false);
         let limited_before = sandbox_rate_limited(&sandbox, kind);
         let started = Instant::now();

@@ -76,6 +76,7 @@ impl Application {
         let metrics = Arc::new(Metrics::new());
         let store = open_store(&settings).await?;
         let sources = build_sources(&settings, &metrics);
+        share_rate_limits(&settings, &store, sources.values().map(|s| s.as_ref()));
         for kind in sources.keys() {
             metrics.init_source(kind.as_str());
         }
@@ -306,4 +307,24 @@ pub fn shutdown_on_signals() -> CancellationToken {
         cancel.cancel();
     });
     token
+}
+
+/// Shares the limits of every source's credential through `store` when `rate_limit.shared` is
+/// on (see `sources::shared_limit`), so this process and every other one using the database
+/// stay within each credential's limits together.
+pub fn share_rate_limits<'a>(
+    settings: &Settings,
+    store: &Arc<dyn Store>,
+    sources: impl IntoIterator<Item = &'a dyn Source>,
+) {
+    if !settings.rate_limit.shared {
+        return;
+    }
+    let slots: Arc<dyn crate::sources::shared_limit::RateSlots> =
+        Arc::new(crate::store::StoreRateSlots(store.clone()));
+    for source in sources {
+        if let Some(upstream) = source.upstream() {
+            upstream.share_limits(slots.clone());
+        }
+    }
 }

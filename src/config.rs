@@ -64,6 +64,7 @@ pub struct Settings {
     pub identity: IdentityConfig,
     pub log: LogSettings,
     pub resync: ResyncSettings,
+    pub rate_limit: RateLimitSettings,
 }
 
 /// `[identity]`: matching thresholds, trusted ids, shared contacts and survivorship priorities.
@@ -229,6 +230,15 @@ impl ResyncSettings {
         }
         Ok(())
     }
+}
+
+/// `[rate_limit]`: limits shared by every process using the database.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSettings {
+    /// Each request also reserves a slot of its credential's limits in the database, so
+    /// processes sharing it (replicas, a resync beside `serve`) stay within them together.
+    pub shared: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -866,5 +876,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.sources.hint.live_reserved_share, 0.0);
+    }
+
+    #[test]
+    fn shared_rate_limits_are_on_by_default_and_a_bad_value_names_its_key() {
+        let s = Settings::load_from(None, &[]).unwrap();
+        assert!(s.rate_limit.shared);
+        let off = env(&[("PATIENT_SYNC_RATE_LIMIT__SHARED", "false")]);
+        assert!(!Settings::load_from(None, &off).unwrap().rate_limit.shared);
+        let bad = env(&[("PATIENT_SYNC_RATE_LIMIT__SHARED", "sometimes")]);
+        let err = Settings::load_from(None, &bad).unwrap_err().to_string();
+        assert!(err.contains("`rate_limit.shared`"), "{err}");
     }
 }

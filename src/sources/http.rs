@@ -14,6 +14,10 @@
 //! An upstream with a daily allowance (IntakeQ: 500 requests a day) also carries a
 //! [`DailyBudget`]: once it is spent, requests wait for the reset instead of failing. Time comes
 //! from a [`Clock`], so tests move it by hand instead of sleeping.
+//!
+//! These limiters hold for one process. [`Upstream::share_limits`] adds a second gate kept in
+//! the database ([`super::shared_limit`]), so every process using the credential together
+//! stays within its rate, its bulk share, its pauses and its daily allowance.
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -29,6 +33,7 @@ use reqwest::header::HeaderMap;
 use reqwest::StatusCode;
 use tokio::sync::{Mutex, Semaphore};
 
+use super::shared_limit::{RateSlots, SharedLimiter};
 use crate::metrics::Metrics;
 use crate::model::SourceKind;
 
@@ -222,6 +227,8 @@ pub struct Upstream {
     budget: Option<Arc<DailyBudget>>,
     bulk: Option<BulkLane>,
     metrics: Arc<Metrics>,
+    /// The cross-process gate, when the limits are shared through the database.
+    shared: std::sync::OnceLock<SharedLimiter>,
 }
 
 /// The extra gate bulk requests pass: every quota at `1 - share`, fewer concurrency slots, and
@@ -285,6 +292,7 @@ impl Upstream {
             budget: None,
             bulk: None,
             metrics,
+            shared: std::sync::OnceLock::new(),
         }
     }
 
@@ -311,7 +319,60 @@ impl Upstream {
                 .max_concurrent
                 .map(|n| Semaphore::new(bulk_slots(n, share) as usize)),
         });
+        let bulk_quotas = self.bulk_quotas();
+        if let Some(shared) = self.shared.get_mut() {
+            shared.set_bulk(&bulk_quotas);
+        }
         self
+    }
+
+    /// The bulk lane's quotas (none without a reserve).
+    fn bulk_quotas(&self) -> Vec<Quota> {
+        match &self.bulk {
+            Some(lane) => self
+                .policy
+                .quotas
+                .iter()
+                .map(|q| scaled_quota(q, 1.0 - lane.share))
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Shares this credential's limits with every process using `slots` (the database): each
+    /// request also reserves a slot there, a rate-limit answer pauses them all, and a daily
+    /// allowance is counted there (see [`super::shared_limit`]). The wall clock times it.
+    /// Returns false when the limits were shared already.
+    pub fn share_limits(&self, slots: Arc<dyn RateSlots>) -> bool {
+        self.share_limits_with_clock(slots, Arc::new(SystemClock))
+    }
+
+    /// [`Self::share_limits`] timed by `clock`.
+    pub fn share_limits_with_clock(
+        &self,
+        slots: Arc<dyn RateSlots>,
+        clock: Arc<dyn Clock>,
+    ) -> bool {
+        let limiter = SharedLimiter::new(
+            self.source,
+            &self.policy.quotas,
+            &self.bulk_quotas(),
+            slots,
+            clock,
+            self.metrics.clone(),
+        );
+        self.shared.set(limiter).is_ok()
+    }
+
+    /// [`Self::share_limits`], as a builder.
+    pub fn with_shared_limits(self, slots: Arc<dyn RateSlots>) -> Self {
+        self.share_limits(slots);
+        self
+    }
+
+    /// Whether the limits are shared across processes.
+    pub fn shares_limits(&self) -> bool {
+        self.shared.get().is_some()
     }
 
     /// The share of the budget kept for live work (0 when none is).
@@ -357,7 +418,7 @@ impl Upstream {
         }
         if let Some(budget) = &self.budget {
             let keep = bulk.map_or(0, |b| budget.reserve_for(b.share));
-            if budget.take_keeping(keep).await {
+            if self.take_budget(budget, keep).await {
                 self.metrics.inc(
                     "patient_sync_upstream_budget_waits_total",
                     "Requests that waited for the daily request budget to reset, by source.",
@@ -380,6 +441,9 @@ impl Upstream {
         for limiter in &self.limiters {
             limiter.until_ready().await;
         }
+        if let Some(shared) = self.shared.get() {
+            shared.wait(bulk.is_some()).await;
+        }
         let waited = started.elapsed();
         if waited >= Duration::from_millis(1) {
             self.metrics.observe(
@@ -388,6 +452,33 @@ impl Upstream {
                 &[("source", self.source.as_str())],
                 waited.as_secs_f64(),
             );
+        }
+    }
+
+    /// Takes one request of the daily allowance, here and (when shared) in the database; a
+    /// spent shared allowance waits for the reset like a spent local one. Returns whether it
+    /// waited.
+    async fn take_budget(&self, budget: &DailyBudget, keep: u32) -> bool {
+        let mut waited = budget.take_keeping(keep).await;
+        let Some(shared) = self.shared.get() else {
+            return waited;
+        };
+        loop {
+            let window_end = budget.snapshot().resets_at;
+            match shared.take_daily(window_end, budget.limit, keep).await {
+                Some(Some(used)) => {
+                    budget.observe_used(window_end, used);
+                    return waited;
+                }
+                Some(None) => {
+                    // Other processes spent what this lane may use: count it spent here too
+                    // (live requests keep the reserve), wait for the reset, take from both again.
+                    budget.observe_used(window_end, budget.limit.saturating_sub(keep));
+                    budget.take_keeping(keep).await;
+                    waited = true;
+                }
+                None => return waited,
+            }
         }
     }
 
@@ -535,6 +626,9 @@ impl Upstream {
                         .retry_after()
                         .unwrap_or_else(|| self.rate_limit_delay(answers));
                     self.pause_for(delay).await;
+                    if let Some(shared) = self.shared.get() {
+                        shared.pause_for(delay).await;
+                    }
                     let status = e.http_status().map_or("none".to_string(), |s| s.to_string());
                     self.metrics.inc(
                         "patient_sync_upstream_rate_limited_total",
@@ -676,8 +770,9 @@ pub struct BudgetSnapshot {
 /// A number of requests allowed per day, resetting every day at a fixed UTC time. Shared by
 /// everything that uses one credential (it lives in the credential's [`Upstream`]).
 ///
-/// The count is kept in memory: one process, one budget. [`DailyBudget::restore`] takes a
-/// persisted snapshot back after a restart.
+/// The count is kept in memory for one process; [`DailyBudget::restore`] takes a persisted
+/// snapshot back after a restart. With shared limits ([`Upstream::share_limits`]) every request
+/// is also counted in the database, and the count here follows the shared one.
 pub struct DailyBudget {
     limit: u32,
     reset_at: NaiveTime,
@@ -757,6 +852,15 @@ impl DailyBudget {
         let mut w = self.current();
         if snapshot.resets_at > self.clock.now() && snapshot.resets_at <= w.resets_at {
             w.used = w.used.max(snapshot.used);
+        }
+    }
+
+    /// The shared count says `used` requests went out in the window ending `window_end`
+    /// (this process's and others'): the count here takes it when it is higher.
+    pub fn observe_used(&self, window_end: DateTime<Utc>, used: u32) {
+        let mut w = self.current();
+        if w.resets_at == window_end {
+            w.used = w.used.max(used);
         }
     }
 
@@ -958,6 +1062,39 @@ mod tests {
             "the ninth bulk request waited for the reset"
         );
         assert_eq!(clock2.now(), utc(2026, 3, 3, 0));
+    }
+
+    #[tokio::test]
+    async fn a_shared_daily_budget_spent_by_bulk_work_elsewhere_still_serves_live_work_here() {
+        use crate::sources::shared_limit::MemorySlots;
+        let clock = Arc::new(ManualClock::new(utc(2026, 3, 2, 9)));
+        let slots: Arc<dyn RateSlots> = Arc::new(MemorySlots::default());
+        let process = || {
+            let budget = Arc::new(DailyBudget::new(10, NaiveTime::MIN, clock.clone()));
+            let upstream = Upstream::new(
+                SourceKind::Intakeq,
+                UpstreamPolicy::per_second(1000, 1000, Duration::from_secs(1)),
+                Arc::new(Metrics::new()),
+            )
+            .with_daily_budget(budget.clone())
+            .with_live_reserve(0.2);
+            assert!(upstream.share_limits_with_clock(slots.clone(), clock.clone()));
+            (upstream, budget)
+        };
+        let (a, _) = process();
+        let (b, budget_b) = process();
+        for _ in 0..8 {
+            bulk(a.wait_turn()).await;
+        }
+        // `b` itself sent nothing, yet the bulk share of the day is gone; its live work may
+        // still use the reserve.
+        b.wait_turn().await;
+        assert_eq!(clock.sleeps(), 0, "the live request did not wait");
+        assert_eq!(budget_b.snapshot().used, 9);
+        bulk(b.wait_turn()).await;
+        assert_eq!(clock.sleeps(), 1, "the bulk request waited for the reset");
+        assert_eq!(clock.now(), utc(2026, 3, 3, 0));
+        assert_eq!(budget_b.snapshot().used, 1);
     }
 
     fn utc(y: i32, m: u32, d: u32, h: u32) -> DateTime<Utc> {

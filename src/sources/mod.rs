@@ -8,6 +8,7 @@ pub mod healthie;
 pub mod hint;
 pub mod http;
 pub mod intakeq;
+pub mod shared_limit;
 
 use async_trait::async_trait;
 
@@ -157,6 +158,11 @@ pub trait Source: Send + Sync {
     /// fetch a batch, so a trickle of events becomes one full request rather than one small
     /// request per worker queueing at the rate limiter. `None`: no turns.
     fn fetch_turn(&self) -> Option<std::sync::Arc<tokio::sync::Mutex<()>>> {
+        None
+    }
+
+    /// The credential's upstream (its limiters), for sharing them across processes.
+    fn upstream(&self) -> Option<&http::Upstream> {
         None
     }
 }

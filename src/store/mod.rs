@@ -3,6 +3,7 @@
 //! generated from one body of SQL so the backends cannot drift apart.
 
 mod postgres;
+mod rate_slots;
 mod sql;
 mod sqlite;
 
@@ -16,6 +17,7 @@ use serde::Serialize;
 use crate::model::{InboxId, PatientId, SourceKey, SourceKind, SourceRecord};
 
 pub use postgres::PgStore;
+pub use rate_slots::StoreRateSlots;
 pub use sqlite::SqliteStore;
 
 /// Which database a store talks to.
@@ -613,6 +615,25 @@ pub trait Store: Send + Sync + 'static {
         }
         Ok(outcomes)
     }
+    /// Reserves the next slot of the shared rate limiter `key` (table `rate_slots`): its
+    /// theoretical arrival time becomes `max(tat, now_us) + interval_us` in one atomic write,
+    /// and the new value is returned. A key seen for the first time starts at `now_us`.
+    async fn reserve_rate_slot(&self, key: &str, now_us: i64, interval_us: i64)
+        -> StoreResult<i64>;
+    /// Moves `key`'s theoretical arrival time to at least `at_us`, so no later reservation
+    /// gets a slot before it (a pause every process honours).
+    async fn defer_rate_slots(&self, key: &str, at_us: i64) -> StoreResult<()>;
+    /// Takes one request of the shared daily allowance `key` (table `rate_budgets`) in the
+    /// window ending at `window_end_us`, unless `used + keep >= limit` in that window. Returns
+    /// the requests used after taking, or `None` when none was left. A later window starts
+    /// the count again; a caller still in an earlier window counts in the stored one.
+    async fn take_rate_budget(
+        &self,
+        key: &str,
+        window_end_us: i64,
+        limit: i64,
+        keep: i64,
+    ) -> StoreResult<Option<i64>>;
 }
 
 /// Writes that must commit together: a source record, its link and the canonical row it

@@ -926,6 +926,58 @@ macro_rules! impl_store {
                 tx.commit().await?;
                 Ok(outcomes)
             }
+
+            async fn reserve_rate_slot(&self, key: &str, now_us: i64, interval_us: i64) -> StoreResult<i64> {
+                let row = sqlx::query(
+                    "INSERT INTO rate_slots (key, tat_us) VALUES ($1, $2 + $3) \
+                     ON CONFLICT (key) DO UPDATE SET tat_us = \
+                     CASE WHEN rate_slots.tat_us > $2 THEN rate_slots.tat_us ELSE $2 END + $3 \
+                     RETURNING tat_us",
+                )
+                .bind(key)
+                .bind(now_us)
+                .bind(interval_us)
+                .fetch_one(&self.pool)
+                .await?;
+                Ok(row.try_get("tat_us")?)
+            }
+
+            async fn defer_rate_slots(&self, key: &str, at_us: i64) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO rate_slots (key, tat_us) VALUES ($1, $2) \
+                     ON CONFLICT (key) DO UPDATE SET tat_us = $2 WHERE rate_slots.tat_us < $2",
+                )
+                .bind(key)
+                .bind(at_us)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn take_rate_budget(
+                &self,
+                key: &str,
+                window_end_us: i64,
+                limit: i64,
+                keep: i64,
+            ) -> StoreResult<Option<i64>> {
+                let row = sqlx::query(
+                    "INSERT INTO rate_budgets (key, window_end_us, used) \
+                     VALUES ($1, $2, 1) \
+                     ON CONFLICT (key) DO UPDATE SET \
+                     used = CASE WHEN rate_budgets.window_end_us < $2 THEN 1 ELSE rate_budgets.used + 1 END, \
+                     window_end_us = CASE WHEN rate_budgets.window_end_us < $2 THEN $2 ELSE rate_budgets.window_end_us END \
+                     WHERE rate_budgets.window_end_us < $2 OR rate_budgets.used + $3 < $4 \
+                     RETURNING used",
+                )
+                .bind(key)
+                .bind(window_end_us)
+                .bind(keep)
+                .bind(limit)
+                .fetch_optional(&self.pool)
+                .await?;
+                row.map(|r| r.try_get::<i64, _>("used")).transpose().map_err(Into::into)
+            }
         }
 
         fn resync_run_from_row(row: &DbRow) -> StoreResult<ResyncRun> {

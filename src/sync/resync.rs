@@ -1148,6 +1148,7 @@ pub async fn run_command(
     let multi = Progress::multi_if_terminal();
     let runs = kinds.iter().map(|&kind| {
         let lister = Lister::from_settings(settings, kind, metrics.clone());
+        crate::app::share_rate_limits(settings, &store, [lister.source()]);
         let options = ResyncOptions::from_settings(settings, &lister, dry_run, restart);
         let progress = Progress::new(kind, multi.as_ref());
         let (store, metrics, identity, stop) = (store.clone(), metrics.clone(), &identity, &stop);

@@ -20,5 +20,6 @@ mod phi;
 mod queue;
 mod resync;
 mod scale;
+mod shared_limit;
 mod sources_flow;
 mod store;

@@ -130,6 +130,10 @@ impl Source for Healthie {
     fn fetch_turn(&self) -> Option<Arc<tokio::sync::Mutex<()>>> {
         Some(self.turn.clone())
     }
+
+    fn upstream(&self) -> Option<&crate::sources::http::Upstream> {
+        Some(self.client.upstream().as_ref())
+    }
 }
 
 /// What an inbox item asks for. Pure.

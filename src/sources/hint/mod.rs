@@ -547,6 +547,10 @@ impl Source for Hint {
     ) -> Result<SourceRecord, ConvertError> {
         self.parse_patient(value, fetched_at)
     }
+
+    fn upstream(&self) -> Option<&crate::sources::http::Upstream> {
+        Some(self.client.upstream())
+    }
 }
 
 #[cfg(test)]

@@ -429,6 +429,10 @@ impl Source for Intakeq {
     ) -> Result<SourceRecord, ConvertError> {
         self.parse_client(value, fetched_at)
     }
+
+    fn upstream(&self) -> Option<&crate::sources::http::Upstream> {
+        Some(self.client.upstream())
+    }
 }
 
 #[cfg(test)]
