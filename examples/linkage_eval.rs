@@ -151,10 +151,7 @@ struct Scores {
     missed: Vec<(SourceKey, SourceKey)>,
 }
 
-async fn score(
-    store: &dyn Store,
-    truth: &BTreeMap<SourceKey, String>,
-) -> anyhow::Result<Scores> {
+async fn score(store: &dyn Store, truth: &BTreeMap<SourceKey, String>) -> anyhow::Result<Scores> {
     let mut by_person: BTreeMap<String, Vec<SourceKey>> = BTreeMap::new();
     let mut by_patient: BTreeMap<String, Vec<SourceKey>> = BTreeMap::new();
     for (key, person) in truth {
@@ -176,11 +173,7 @@ async fn score(
         .list_reviews(Some(patient_sync::store::ReviewState::Open), 1_000_000)
         .await?
     {
-        for other in by_patient
-            .get(r.patient_id.as_str())
-            .into_iter()
-            .flatten()
-        {
+        for other in by_patient.get(r.patient_id.as_str()).into_iter().flatten() {
             let (x, y) = (r.key.clone(), other.clone());
             ar.insert(if x < y { (x, y) } else { (y, x) });
         }
@@ -206,9 +199,14 @@ async fn main() -> anyhow::Result<()> {
         if arg == "--explain" {
             explain = true;
         } else if let Some((system, path)) = arg.split_once('=') {
-            inputs.push((system.parse::<SourceKind>().map_err(anyhow::Error::msg)?, path.to_string()));
+            inputs.push((
+                system.parse::<SourceKind>().map_err(anyhow::Error::msg)?,
+                path.to_string(),
+            ));
         } else {
-            anyhow::bail!("expected SYSTEM=FILE.csv (healthie, intakeq or hint) or --explain, got {arg}");
+            anyhow::bail!(
+                "expected SYSTEM=FILE.csv (healthie, intakeq or hint) or --explain, got {arg}"
+            );
         }
     }
     if inputs.is_empty() {
@@ -264,7 +262,11 @@ async fn main() -> anyhow::Result<()> {
     let rebuilt = started.elapsed().as_secs_f64();
     let after_rebuild = score(store.as_ref(), &truth).await?;
 
-    println!("records {}, people {}", truth.len(), truth.values().collect::<BTreeSet<_>>().len());
+    println!(
+        "records {}, people {}",
+        truth.len(),
+        truth.values().collect::<BTreeSet<_>>().len()
+    );
     for (label, s, secs) in [
         ("after import", &after_import, imported),
         ("after rebuild", &after_rebuild, rebuilt),
@@ -277,11 +279,21 @@ async fn main() -> anyhow::Result<()> {
     if explain {
         let mut combos: BTreeMap<String, usize> = BTreeMap::new();
         for (a, b) in &after_rebuild.missed {
-            let m = identity::explain(&fields[a].fields, &fields[b].fields, &identity_settings.matching);
+            let m = identity::explain(
+                &fields[a].fields,
+                &fields[b].fields,
+                &identity_settings.matching,
+            );
             let levels: Vec<String> = m
                 .contributions
                 .iter()
-                .filter(|c| c.level != "missing" || matches!(c.field, "given_name" | "family_name" | "birth_date" | "address"))
+                .filter(|c| {
+                    c.level != "missing"
+                        || matches!(
+                            c.field,
+                            "given_name" | "family_name" | "birth_date" | "address"
+                        )
+                })
                 .map(|c| format!("{}={}", c.field, c.level))
                 .collect();
             *combos

@@ -27,11 +27,12 @@ const GIVEN_EXACT: MU = (0.85, 0.006); // +7.15
 const GIVEN_ALIAS: MU = (0.06, 0.0015); // +5.32 nickname, spelling variant, preferred/legal
 const GIVEN_FUZZY: MU = (0.05, 0.003); // +4.06 Jaro-Winkler >= 0.9
 const GIVEN_INITIAL: MU = (0.01, 0.004); // +1.32 one side is an initial
+const GIVEN_SIMILAR: MU = (0.04, 0.01); // +2.00 one edit or Jaro-Winkler >= 0.85: review, not a link
 const GIVEN_DISAGREE: MU = (0.03, 0.985); // -5.04
 
 const FAMILY_EXACT: MU = (0.85, 0.002); // +8.73
 const FAMILY_TOKEN: MU = (0.04, 0.001); // +5.32 shares a word of a multi-part surname
-const FAMILY_FUZZY: MU = (0.05, 0.003); // +4.06 Jaro-Winkler >= 0.9 or one edit
+const FAMILY_FUZZY: MU = (0.08, 0.003); // +4.74 Jaro-Winkler >= 0.9 or one edit
 const FAMILY_DISAGREE: MU = (0.06, 0.994); // -4.05 (marriage, hyphenation)
 const FAMILY_SWAPPED: MU = (0.01, 0.00005); // +7.64 given and family crosswise equal
 
@@ -52,13 +53,14 @@ const PHONE_DISAGREE: MU = (0.2, 0.9995); // -2.32 no number in common
 const ADDRESS_EXACT: MU = (0.7, 0.0005); // +10.45 same street line (and unit) and ZIP
 const ADDRESS_FUZZY: MU = (0.08, 0.001); // +6.32 street line JW >= 0.92, same ZIP
 const ADDRESS_AREA: MU = (0.1, 0.02); // +2.32 same ZIP only, or same building, other unit
-const ADDRESS_DISAGREE: MU = (0.12, 0.979); // -3.03
+const ADDRESS_DISAGREE: MU = (0.25, 0.979); // -1.97 (people move; addresses are typed with errors)
 
 /// Upper bound on the summed positive weight of email, phone and address: one household shares
 /// all three, so together they are evidence of the household, not thrice of the person.
 pub const CONTACT_CAP_BITS: f64 = 12.0;
 
 const GIVEN_FUZZY_JW: f64 = 0.9;
+const GIVEN_SIMILAR_JW: f64 = 0.85;
 const FAMILY_FUZZY_JW: f64 = 0.9;
 const ADDRESS_FUZZY_JW: f64 = 0.92;
 
@@ -71,6 +73,9 @@ fn weight((m, u): MU) -> f64 {
 pub(crate) enum NameLevel {
     Missing,
     Disagree,
+    /// For given names: one edit apart or nearly so (Emma/Ella, Liam/Lioam). A typo or a
+    /// twin's name, so it counts a little and never allows an automatic link.
+    Similar,
     Initial,
     Fuzzy,
     /// Nickname, spelling variant or preferred/legal equivalence.
@@ -365,7 +370,8 @@ impl Comparison {
     /// Demographics that an explicit id cannot override: given names or birth dates that
     /// disagree outright (a mistyped id pointing at a twin or a relative).
     pub fn contradicts(&self) -> bool {
-        self.given == NameLevel::Disagree || self.birth_date == DateLevel::Disagree
+        matches!(self.given, NameLevel::Disagree | NameLevel::Similar)
+            || self.birth_date == DateLevel::Disagree
     }
 
     pub fn score(&self) -> MatchScore {
@@ -383,6 +389,7 @@ impl Comparison {
             NameLevel::Alias => ("nickname", Some(GIVEN_ALIAS)),
             NameLevel::Fuzzy => ("fuzzy", Some(GIVEN_FUZZY)),
             NameLevel::Initial => ("initial", Some(GIVEN_INITIAL)),
+            NameLevel::Similar => ("similar", Some(GIVEN_SIMILAR)),
             NameLevel::Disagree => ("disagree", Some(GIVEN_DISAGREE)),
             NameLevel::Token | NameLevel::Missing => ("missing", None),
         };
@@ -391,7 +398,7 @@ impl Comparison {
             _ if self.names_swapped => ("swapped", Some(FAMILY_SWAPPED)),
             NameLevel::Exact => ("exact", Some(FAMILY_EXACT)),
             NameLevel::Token => ("token", Some(FAMILY_TOKEN)),
-            NameLevel::Fuzzy | NameLevel::Alias | NameLevel::Initial => {
+            NameLevel::Fuzzy | NameLevel::Alias | NameLevel::Initial | NameLevel::Similar => {
                 ("fuzzy", Some(FAMILY_FUZZY))
             }
             NameLevel::Disagree => ("disagree", Some(FAMILY_DISAGREE)),
@@ -512,6 +519,15 @@ fn given_pair(x: &GivenName, y: &GivenName) -> NameLevel {
     };
     if fuzzy(&x.joined, &y.joined) || fuzzy(&x.first, &y.first) {
         return NameLevel::Fuzzy;
+    }
+    let similar = |p: &str, q: &str| {
+        p.len() > 2
+            && q.len() > 2
+            && (strsim::jaro_winkler(p, q) >= GIVEN_SIMILAR_JW || strsim::osa_distance(p, q) <= 1)
+            && !gendered_variant(p, q)
+    };
+    if similar(&x.joined, &y.joined) || similar(&x.first, &y.first) {
+        return NameLevel::Similar;
     }
     NameLevel::Disagree
 }

@@ -334,6 +334,11 @@ fn twins_never_auto_link() {
             home(P::new("Samuel", "Nguyen").dob("2010-06-01")),
             home(P::new("Samantha", "Nguyen").dob("2010-06-01")),
         ),
+        (
+            "one letter apart, same sex",
+            home(P::new("Emma", "Nguyen").dob("2010-06-01").sex("F")),
+            home(P::new("Ella", "Nguyen").dob("2010-06-01").sex("F")),
+        ),
     ];
     for (name, a, b) in cases {
         let d = decide_one(a, b);
@@ -740,6 +745,16 @@ fn name_levels_handle_nicknames_multi_part_names_and_typos() {
             P::new("Paul", "Smith"),
             P::new("Paula", "Smith"),
             ("disagree", "exact"),
+        ),
+        (
+            P::new("Emma", "Smith"),
+            P::new("Ella", "Smith"),
+            ("similar", "exact"),
+        ),
+        (
+            P::new("Lily", "Smith"),
+            P::new("Lilq", "Smith"),
+            ("similar", "exact"),
         ),
         (
             P::new("Liz", "Smith"),
