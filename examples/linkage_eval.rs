@@ -301,7 +301,7 @@ async fn main() -> anyhow::Result<()> {
                 .or_default() += 1;
         }
         let mut combos: Vec<_> = combos.into_iter().collect();
-        combos.sort_by(|x, y| y.1.cmp(&x.1));
+        combos.sort_by_key(|c| std::cmp::Reverse(c.1));
         println!("missed pairs by comparison (score, levels):");
         for (combo, n) in combos.iter().take(40) {
             println!("{n:6}  {combo}");

@@ -336,8 +336,8 @@ fn twins_never_auto_link() {
         ),
         (
             "one letter apart, same sex",
-            home(P::new("Emma", "Nguyen").dob("2010-06-01").sex("F")),
-            home(P::new("Ella", "Nguyen").dob("2010-06-01").sex("F")),
+            home(P::new("Mila", "Nguyen").dob("2010-06-01").sex("F")),
+            home(P::new("Mina", "Nguyen").dob("2010-06-01").sex("F")),
         ),
     ];
     for (name, a, b) in cases {
@@ -747,8 +747,8 @@ fn name_levels_handle_nicknames_multi_part_names_and_typos() {
             ("disagree", "exact"),
         ),
         (
-            P::new("Emma", "Smith"),
-            P::new("Ella", "Smith"),
+            P::new("Mila", "Smith"),
+            P::new("Mina", "Smith"),
             ("similar", "exact"),
         ),
         (
