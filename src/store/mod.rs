@@ -702,6 +702,10 @@ pub trait StoreTx: Send {
         &mut self,
         items: &[(SourceKey, Vec<String>)],
     ) -> StoreResult<()>;
+    /// Lets this transaction's connection cache up to `mib` MiB of pages, for a bulk writer
+    /// whose index inserts land all over large tables (SQLite; nothing elsewhere). The setting
+    /// stays with the pooled connection.
+    async fn bulk_write_cache(&mut self, mib: u32) -> StoreResult<()>;
 }
 
 /// A source's resync lease and pass counter (`resync_runs`).

@@ -1,4 +1,5 @@
-//! The SQLite store: the embedded default. WAL journal, a busy timeout, foreign keys on, and
+//! The SQLite store: the embedded default. WAL journal, a busy timeout, foreign keys on, temporary
+//! storage in memory, and
 //! `BEGIN IMMEDIATE` for write transactions so read-then-write never fails on a lock upgrade.
 
 use std::str::FromStr;
@@ -23,7 +24,9 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(std::time::Duration::from_secs(30))
-            .foreign_keys(true);
+            .foreign_keys(true)
+            // Statement journals and temporary tables in memory, not in temporary files.
+            .pragma("temp_store", "memory");
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
             .connect_with(options)
