@@ -2,6 +2,7 @@
 //! Postgres database on a throwaway server), its own port and its own fake upstreams.
 
 mod app;
+mod bulk_write;
 mod cli;
 mod crash;
 mod export;
