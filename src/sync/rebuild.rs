@@ -129,6 +129,9 @@ impl RebuildReport {
 
 const NONE: u32 = u32::MAX;
 
+/// Buckets of the key-hash index: 2^20 (4 MiB of offsets), a few keys each at a million records.
+const BUCKET_BITS: u32 = 20;
+
 /// A record's current link, with the patient interned.
 #[derive(Clone, Copy)]
 struct Current {
@@ -206,6 +209,9 @@ struct Loaded {
     fingerprints: Vec<Fingerprint>,
     /// `(hash, record)`, sorted.
     index: Vec<(u64, u32)>,
+    /// Where each bucket of hashes (their top [`BUCKET_BITS`] bits) starts in `index`, so a
+    /// lookup touches a few neighbouring entries instead of binary-searching millions.
+    buckets: Vec<u32>,
     current: Vec<Option<Current>>,
     patients: Patients,
     /// (record, patient) pairs an admin rejected.
@@ -230,6 +236,15 @@ impl Loaded {
             .iter()
             .map(|&m| self.records.get(m as usize))
             .collect()
+    }
+
+    /// The records with key hash `h`.
+    fn with_hash(&self, h: u64) -> &[(u64, u32)] {
+        let b = (h >> (64 - BUCKET_BITS)) as usize;
+        let bucket = &self.index[self.buckets[b] as usize..self.buckets[b + 1] as usize];
+        let start = bucket.partition_point(|&(x, _)| x < h);
+        let end = start + bucket[start..].partition_point(|&(x, _)| x == h);
+        &bucket[start..end]
     }
 
     fn hashes(&self, i: u32) -> &[u64] {
@@ -704,6 +719,15 @@ async fn load(
     }
     index.sort_unstable();
     index.dedup();
+    let mut buckets = Vec::with_capacity((1 << BUCKET_BITS) + 1);
+    let mut at = 0usize;
+    for b in 0..(1u64 << BUCKET_BITS) {
+        while at < index.len() && (index[at].0 >> (64 - BUCKET_BITS)) < b {
+            at += 1;
+        }
+        buckets.push(at as u32);
+    }
+    buckets.push(index.len() as u32);
 
     let mut loaded = Loaded {
         current: vec![None; prepared.len()],
@@ -714,6 +738,7 @@ async fn load(
         key_offsets,
         fingerprints,
         index,
+        buckets,
         patients: Patients::default(),
         rejected: HashSet::new(),
     };
@@ -862,12 +887,11 @@ fn decide_one(
 ) {
     let mut reached: BTreeSet<u32> = BTreeSet::new();
     for &h in loaded.hashes(i) {
-        let start = loaded.index.partition_point(|&(x, _)| x < h);
-        let end = loaded.index.partition_point(|&(x, _)| x <= h);
-        if end - start > options.max_key_fanout {
+        let with_hash = loaded.with_hash(h);
+        if with_hash.len() > options.max_key_fanout {
             continue;
         }
-        for &(_, j) in &loaded.index[start..end] {
+        for &(_, j) in with_hash {
             let c = cluster_of[j as usize];
             if j != i && c != NONE {
                 reached.insert(c);
@@ -880,11 +904,13 @@ fn decide_one(
         .map(|&c| {
             let cl = &clusters[c as usize];
             let rejected_patient = |p: u32| loaded.rejected.contains(&(i, p));
-            let rejected = cl.seed.is_some_and(rejected_patient)
-                || cl.members.iter().any(|&m| {
-                    loaded.current[m as usize].is_some_and(|cur| rejected_patient(cur.patient))
-                        || mine.is_some_and(|p| loaded.rejected.contains(&(m, p)))
-                });
+            // Nothing to look up when no admin rejected anything (the usual case).
+            let rejected = !loaded.rejected.is_empty()
+                && (cl.seed.is_some_and(rejected_patient)
+                    || cl.members.iter().any(|&m| {
+                        loaded.current[m as usize].is_some_and(|cur| rejected_patient(cur.patient))
+                            || mine.is_some_and(|p| loaded.rejected.contains(&(m, p)))
+                    }));
             PreparedCandidate {
                 patient_id: PatientId(format!("{c:010}")),
                 records: cl
