@@ -5,11 +5,11 @@
 //! Shape, built for a million records on a small machine:
 //!
 //! 1. **Load** every source record in key order `(source, source_id)`, in pages, without its raw
-//!    payload (matching and survivorship read normalized fields only). Each record is prepared
-//!    for matching once (`identity::Prepared`: normalized profile and trusted ids) on every
-//!    core, and its blocking keys, computed from that, are kept as 64-bit hashes in one sorted
-//!    array `(hash, record)`; a hash collision only adds a candidate that `decide` then turns
-//!    down.
+//!    payload (matching and survivorship read normalized fields only). Each page is prepared
+//!    for matching on every core (`identity::Prepared`: normalized profile and trusted ids),
+//!    packed for survivorship (module `compact`) and dropped. Blocking keys, computed from the
+//!    prepared records, are kept as 64-bit hashes in one sorted array `(hash, record)` with a
+//!    bucket table; a hash collision only adds a candidate that `decide` then turns down.
 //!    Current links and rejected pairs are read in pages too.
 //! 2. **Cluster** in key order, the way records would arrive one by one: an admin-linked record
 //!    goes to its patient's cluster; a record an upstream merged away follows its surviving
@@ -20,10 +20,11 @@
 //!    patient most of its records are linked to now (largest first, each id used once), or a
 //!    new id. So a record keeps its patient when the new decision agrees, and only links whose
 //!    decision changed move (with `link_events`).
-//! 4. **Write** in large transactions with multi-row statements: moved and new links, canonical rows whose values changed
-//!    (compared like `refresh_patient`, so an unchanged row gets no new version), rows left
-//!    without records (`merged` into where their records went, else `deleted`), blocking keys
-//!    whose set changed, and review proposals (idempotent inserts).
+//! 4. **Write** in large transactions with multi-row statements: moved and new links, review
+//!    proposals (idempotent inserts), canonical rows whose values changed (compared like
+//!    `refresh_patient`, so an unchanged row gets no new version; computed on a thread of their
+//!    own while this task reads and writes), rows left without records (`merged` into where
+//!    their records went, else `deleted`), and blocking keys whose set changed.
 //!
 //! Run it with the workers stopped: it reads a snapshot and writes its result in batches.
 
