@@ -703,8 +703,8 @@ pub trait StoreTx: Send {
         items: &[(SourceKey, Vec<String>)],
     ) -> StoreResult<()>;
     /// Lets this transaction's connection cache up to `mib` MiB of pages, for a bulk writer
-    /// whose index inserts land all over large tables (SQLite; nothing elsewhere). The setting
-    /// stays with the pooled connection.
+    /// whose index inserts land all over large tables (SQLite; nothing elsewhere); `0` sets
+    /// the default back. The setting stays with the pooled connection until set back.
     async fn bulk_write_cache(&mut self, mib: u32) -> StoreResult<()>;
 }
 

@@ -1444,8 +1444,9 @@ macro_rules! impl_store {
 
             async fn bulk_write_cache(&mut self, mib: u32) -> StoreResult<()> {
                 if matches!($backend, Backend::Sqlite) {
-                    // A negative size is in KiB; a pragma takes no bound parameter.
-                    let kib = i64::from(mib) * 1024;
+                    // A negative size is in KiB (2,000 is SQLite's default); a pragma takes no
+                    // bound parameter.
+                    let kib = if mib == 0 { 2_000 } else { i64::from(mib) * 1024 };
                     sqlx::query(&format!("PRAGMA cache_size = -{kib}"))
                         .execute(&mut *self.tx)
                         .await?;

@@ -1087,7 +1087,7 @@ impl<'a> Writer<'a> {
         if self.pending >= self.batch {
             self.pending = 0;
             if let Some(tx) = self.tx.take() {
-                tx.commit().await?;
+                commit(tx).await?;
             }
         }
         Ok(())
@@ -1149,8 +1149,15 @@ impl<'a> Writer<'a> {
     async fn finish(mut self) -> StoreResult<()> {
         self.flush().await?;
         if let Some(tx) = self.tx.take() {
-            tx.commit().await?;
+            commit(tx).await?;
         }
         Ok(())
     }
+}
+
+/// Commits a writer's transaction, its connection's page cache set back first so the pooled
+/// connection does not keep (and later fill) the bulk writer's cache.
+async fn commit(mut tx: Box<dyn StoreTx>) -> StoreResult<()> {
+    tx.bulk_write_cache(0).await?;
+    tx.commit().await
 }
