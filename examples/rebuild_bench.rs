@@ -1,6 +1,7 @@
 //! Rebuild benchmark: fills a fresh SQLite file with N synthetic source records (people spread
 //! over the three systems, about 1.5 records each), then runs `rebuild` from the bare records
-//! (every link and row is new) and again (nothing to change). Prints the figures and the machine.
+//! (every link and row is new) and again (nothing to change). Prints the figures and the machine:
+//! wall time and resident memory per phase (load, cluster, write), the memory sampled every 20 ms.
 //!
 //! `cargo run --release --example rebuild_bench -- 1000000`
 
@@ -12,7 +13,7 @@ use patient_sync::model::{
 };
 use patient_sync::store::{self, Store};
 use patient_sync::sync::apply::IdentitySettings;
-use patient_sync::sync::rebuild::{rebuild, RebuildOptions};
+use patient_sync::sync::rebuild::{rebuild, RebuildOptions, RebuildReport};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -108,6 +109,74 @@ fn name(stems: &[&str], rng: &mut StdRng, rare: f64) -> String {
     } else {
         stem.to_string()
     }
+}
+
+fn status_mib(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// Samples resident memory every 20 ms until dropped; `(ms since start, MiB)`.
+struct RssSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<Vec<(u64, f64)>>>,
+}
+
+impl RssSampler {
+    fn start() -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let t = Instant::now();
+            let mut samples = Vec::new();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                samples.push((t.elapsed().as_millis() as u64, status_mib("VmRSS:")));
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            samples
+        });
+        Self {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    fn finish(mut self) -> Vec<(u64, f64)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle
+            .take()
+            .map(|h| h.join().expect("sampler"))
+            .unwrap_or_default()
+    }
+}
+
+/// One line per phase of a rebuild: wall time and peak resident memory.
+fn phases(report: &RebuildReport, samples: &[(u64, f64)]) -> String {
+    let peak = |from: u64, to: u64| {
+        samples
+            .iter()
+            .filter(|(t, _)| *t >= from && *t <= to)
+            .map(|(_, m)| *m)
+            .fold(0.0f64, f64::max)
+    };
+    let (l, c, e) = (report.loaded_ms, report.clustered_ms, report.elapsed_ms);
+    format!(
+        "load {:.1}s (peak {:.0} MiB), cluster {:.1}s (peak {:.0} MiB), write {:.1}s (peak {:.0} MiB)",
+        l as f64 / 1000.0,
+        peak(0, l),
+        (c - l) as f64 / 1000.0,
+        peak(l, c),
+        (e - c) as f64 / 1000.0,
+        peak(c, e + 20),
+    )
 }
 
 pub fn peak_rss_mib() -> f64 {
@@ -232,12 +301,17 @@ async fn main() -> anyhow::Result<()> {
 
     let settings = IdentitySettings::default();
     let options = RebuildOptions::default();
+    let rss_before = status_mib("VmRSS:");
     let t = Instant::now();
+    let sampler = RssSampler::start();
     let first = rebuild(store.as_ref(), &settings, &options, Utc::now()).await?;
+    let first_phases = phases(&first, &sampler.finish());
     let first_secs = t.elapsed().as_secs_f64();
     let rss_first = peak_rss_mib();
     let t = Instant::now();
+    let sampler = RssSampler::start();
     let second = rebuild(store.as_ref(), &settings, &options, Utc::now()).await?;
+    let second_phases = phases(&second, &sampler.finish());
     let second_secs = t.elapsed().as_secs_f64();
 
     println!("machine: {}", patient_sync::machine::describe());
@@ -245,14 +319,17 @@ async fn main() -> anyhow::Result<()> {
         "records: {written} ({p} people) written in {:.1}s",
         fill.as_secs_f64()
     );
+    println!("resident before the first rebuild: {rss_before:.0} MiB");
     println!(
         "rebuild from bare records: {first_secs:.1}s ({} patients, {} links created)",
         first.patients, first.links_created
     );
+    println!("  {first_phases}");
     println!(
         "rebuild again: {second_secs:.1}s ({} changes)",
         second.changes()
     );
+    println!("  {second_phases}");
     println!(
         "peak RSS: {:.0} MiB (after first rebuild {rss_first:.0} MiB)",
         peak_rss_mib()

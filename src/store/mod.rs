@@ -750,6 +750,10 @@ pub trait StoreTx: Send {
         source: SourceKind,
         ids: &[crate::model::SourceId],
     ) -> StoreResult<Vec<(crate::model::SourceId, PatientId)>>;
+    /// Lets this transaction's connection cache up to `mib` MiB of pages, for a bulk writer
+    /// whose index inserts land all over large tables (SQLite; nothing elsewhere); `0` sets
+    /// the default back. The setting stays with the pooled connection until set back.
+    async fn bulk_write_cache(&mut self, mib: u32) -> StoreResult<()>;
 }
 
 /// A source's resync lease and pass counter (`resync_runs`).

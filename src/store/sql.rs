@@ -1311,13 +1311,13 @@ macro_rules! impl_store {
             }
 
             async fn save_links(&mut self, links: &[(Link, LinkEvent)]) -> StoreResult<()> {
-                for chunk in links.chunks(crate::store::sql::BATCH_PARAMS / 10) {
+                for chunk in links.chunks(crate::store::sql::bulk_params($backend) / 10) {
                     let sql = format!(
                         "INSERT INTO links (source, source_id, patient_id, method, rule, score, decided_by, decided_at) \
                          VALUES {} \
                          ON CONFLICT (source, source_id) DO UPDATE SET patient_id = excluded.patient_id, method = excluded.method, \
                          rule = excluded.rule, score = excluded.score, decided_by = excluded.decided_by, decided_at = excluded.decided_at",
-                        crate::store::sql::placeholders(chunk.len(), 8)
+                        crate::store::sql::bulk_placeholders($backend, chunk.len(), 8)
                     );
                     let mut q = sqlx::query(&sql);
                     for (link, _) in chunk {
@@ -1335,7 +1335,7 @@ macro_rules! impl_store {
                     let sql = format!(
                         "INSERT INTO link_events (source, source_id, action, patient_id, previous_patient_id, method, rule, score, decided_by, at) \
                          VALUES {}",
-                        crate::store::sql::placeholders(chunk.len(), 10)
+                        crate::store::sql::bulk_placeholders($backend, chunk.len(), 10)
                     );
                     let mut q = sqlx::query(&sql);
                     for (_, event) in chunk {
@@ -1357,7 +1357,7 @@ macro_rules! impl_store {
             }
 
             async fn save_patients(&mut self, rows: &[(PatientRow, Vec<FieldSource>)]) -> StoreResult<()> {
-                for chunk in rows.chunks(crate::store::sql::BATCH_PARAMS / 24) {
+                for chunk in rows.chunks(crate::store::sql::bulk_params($backend) / 24) {
                     let sql = format!(
                         "INSERT INTO patients ({PATIENT_COLUMNS}) VALUES {} \
                          ON CONFLICT (patient_id) DO UPDATE SET given_name = excluded.given_name, middle_name = excluded.middle_name, \
@@ -1368,7 +1368,7 @@ macro_rules! impl_store {
                          healthie_id = excluded.healthie_id, intakeq_id = excluded.intakeq_id, hint_id = excluded.hint_id, \
                          status = excluded.status, merged_into = excluded.merged_into, updated_at = excluded.updated_at, \
                          version = excluded.version",
-                        crate::store::sql::placeholders(chunk.len(), 24)
+                        crate::store::sql::bulk_placeholders($backend, chunk.len(), 24)
                     );
                     let mut q = sqlx::query(&sql);
                     for (row, _) in chunk {
@@ -1399,12 +1399,35 @@ macro_rules! impl_store {
                             .bind(row.version);
                     }
                     q.execute(&mut *self.tx).await?;
-                    for (row, _) in chunk {
+                    // A first version closes nothing and begins when the row was written, so
+                    // new rows take one statement together; later versions go one by one.
+                    let (fresh, changed): (Vec<&PatientRow>, Vec<&PatientRow>) =
+                        chunk.iter().map(|(row, _)| row).partition(|row| row.version <= 1);
+                    if !fresh.is_empty() {
+                        let updates: Vec<String> = PATIENT_COLUMNS
+                            .split(", ")
+                            .filter(|c| *c != "patient_id" && *c != "version")
+                            .map(|c| format!("{c} = excluded.{c}"))
+                            .collect();
+                        let sql = format!(
+                            "INSERT INTO patient_history ({PATIENT_COLUMNS}, valid_from) SELECT {PATIENT_COLUMNS}, updated_at FROM patients \
+                             WHERE patient_id IN ({}) \
+                             ON CONFLICT (patient_id, version) DO UPDATE SET {}, valid_to = NULL",
+                            crate::store::sql::bulk_placeholders($backend, fresh.len(), 1),
+                            updates.join(", ")
+                        );
+                        let mut q = sqlx::query(&sql);
+                        for row in &fresh {
+                            q = q.bind(row.patient_id.as_str());
+                        }
+                        q.execute(&mut *self.tx).await?;
+                    }
+                    for row in changed {
                         write_history(&mut self.tx, row).await?;
                     }
                     let sql = format!(
                         "DELETE FROM patient_field_sources WHERE patient_id IN ({})",
-                        (1..=chunk.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+                        crate::store::sql::bulk_placeholders($backend, chunk.len(), 1)
                     );
                     let mut q = sqlx::query(&sql);
                     for (row, _) in chunk {
@@ -1415,11 +1438,11 @@ macro_rules! impl_store {
                         .iter()
                         .flat_map(|(row, fs)| fs.iter().map(move |f| (row, f)))
                         .collect();
-                    for part in sources.chunks(crate::store::sql::BATCH_PARAMS / 6) {
+                    for part in sources.chunks(crate::store::sql::bulk_params($backend) / 6) {
                         let sql = format!(
                             "INSERT INTO patient_field_sources (patient_id, field, source, source_id, source_updated_at, decided_at) \
                              VALUES {}",
-                            crate::store::sql::placeholders(part.len(), 6)
+                            crate::store::sql::bulk_placeholders($backend, part.len(), 6)
                         );
                         let mut q = sqlx::query(&sql);
                         for (row, fs) in part {
@@ -1438,10 +1461,10 @@ macro_rules! impl_store {
             }
 
             async fn replace_match_keys_many(&mut self, items: &[(SourceKey, Vec<String>)]) -> StoreResult<()> {
-                for chunk in items.chunks(crate::store::sql::BATCH_PARAMS / 20) {
+                for chunk in items.chunks(crate::store::sql::bulk_params($backend) / 20) {
                     let sql = format!(
                         "DELETE FROM match_keys WHERE (source, source_id) IN (VALUES {})",
-                        crate::store::sql::placeholders(chunk.len(), 2)
+                        crate::store::sql::bulk_placeholders($backend, chunk.len(), 2)
                     );
                     let mut q = sqlx::query(&sql);
                     for (key, _) in chunk {
@@ -1457,10 +1480,10 @@ macro_rules! impl_store {
                             keys.into_iter().map(move |k| (key, k))
                         })
                         .collect();
-                    for part in rows.chunks(crate::store::sql::BATCH_PARAMS / 3) {
+                    for part in rows.chunks(crate::store::sql::bulk_params($backend) / 3) {
                         let sql = format!(
                             "INSERT INTO match_keys (key, source, source_id) VALUES {}",
-                            crate::store::sql::placeholders(part.len(), 3)
+                            crate::store::sql::bulk_placeholders($backend, part.len(), 3)
                         );
                         let mut q = sqlx::query(&sql);
                         for (key, k) in part {
@@ -1611,6 +1634,17 @@ macro_rules! impl_store {
                 }
                 Ok(out)
             }
+            async fn bulk_write_cache(&mut self, mib: u32) -> StoreResult<()> {
+                if matches!($backend, Backend::Sqlite) {
+                    // A negative size is in KiB (0 restores the size every connection opens with); a pragma takes no
+                    // bound parameter.
+                    let kib = if mib == 0 { crate::store::sqlite::CACHE_KIB } else { i64::from(mib) * 1024 };
+                    sqlx::query(&format!("PRAGMA cache_size = -{kib}"))
+                        .execute(&mut *self.tx)
+                        .await?;
+                }
+                Ok(())
+            }
         }
     };
 }
@@ -1646,6 +1680,41 @@ pub(crate) fn numbered(first: usize, count: usize) -> String {
         .map(|i| format!("${i}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Bound parameters per multi-row statement of the bulk writers (`save_links`, `save_patients`,
+/// `replace_match_keys_many`). SQLite gets anonymous `?` placeholders there, which its driver
+/// binds in order (a `$N` is looked up by name, in time growing with the square of the count),
+/// so its statements can be ten times larger.
+pub(crate) fn bulk_params(backend: crate::store::Backend) -> usize {
+    match backend {
+        crate::store::Backend::Sqlite => 2_400,
+        _ => BATCH_PARAMS,
+    }
+}
+
+/// `rows` rows of `cols` placeholders for [`bulk_params`]-sized statements: `(?, ?), (?, ?)` on
+/// SQLite, `($1, $2), ($3, $4)` elsewhere; with one column, a plain list (`?, ?` or `$1, $2`).
+pub(crate) fn bulk_placeholders(
+    backend: crate::store::Backend,
+    rows: usize,
+    cols: usize,
+) -> String {
+    match backend {
+        crate::store::Backend::Sqlite => {
+            let row = if cols == 1 {
+                "?".to_string()
+            } else {
+                format!("({})", vec!["?"; cols].join(", "))
+            };
+            vec![row.as_str(); rows].join(", ")
+        }
+        _ if cols == 1 => (1..=rows)
+            .map(|i| format!("${i}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        _ => placeholders(rows, cols),
+    }
 }
 
 pub(crate) use impl_store;

@@ -1,4 +1,5 @@
-//! The SQLite store: the embedded default. WAL journal, a busy timeout, foreign keys on, and
+//! The SQLite store: the embedded default. WAL journal, a busy timeout, foreign keys on, temporary
+//! storage in memory, and
 //! `BEGIN IMMEDIATE` for write transactions so read-then-write never fails on a lock upgrade.
 
 use std::str::FromStr;
@@ -11,6 +12,9 @@ use sqlx::{Sqlite, SqlitePool};
 pub struct SqliteStore {
     pool: SqlitePool,
 }
+
+/// Page cache per connection, in KiB: 32 MiB (SQLite's default is 2 MiB), taken as used.
+pub(crate) const CACHE_KIB: i64 = 32_768;
 
 impl SqliteStore {
     /// Opens (creating if missing) the database file a `sqlite:` url names.
@@ -27,7 +31,9 @@ impl SqliteStore {
             // 32 MiB of page cache per connection (the default is 2 MiB), taken as used: a
             // page of matched records touches index pages all over the file, and a cache that
             // spills reads them back and checkpoints more often.
-            .pragma("cache_size", "-32768");
+            .pragma("cache_size", format!("-{CACHE_KIB}"))
+            // Statement journals and temporary tables in memory, not in temporary files.
+            .pragma("temp_store", "memory");
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
             .connect_with(options)

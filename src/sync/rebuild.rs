@@ -5,11 +5,11 @@
 //! Shape, built for a million records on a small machine:
 //!
 //! 1. **Load** every source record in key order `(source, source_id)`, in pages, without its raw
-//!    payload (matching and survivorship read normalized fields only). Each record is prepared
-//!    for matching once (`identity::Prepared`: normalized profile and trusted ids) on every
-//!    core, and its blocking keys, computed from that, are kept as 64-bit hashes in one sorted
-//!    array `(hash, record)`; a hash collision only adds a candidate that `decide` then turns
-//!    down.
+//!    payload (matching and survivorship read normalized fields only). Each page is prepared
+//!    for matching on every core (`identity::Prepared`: normalized profile and trusted ids),
+//!    packed for survivorship (module `compact`) and dropped. Blocking keys, computed from the
+//!    prepared records, are kept as 64-bit hashes in one sorted array `(hash, record)` with a
+//!    bucket table; a hash collision only adds a candidate that `decide` then turns down.
 //!    Current links and rejected pairs are read in pages too.
 //! 2. **Cluster** in key order, the way records would arrive one by one: an admin-linked record
 //!    goes to its patient's cluster; a record an upstream merged away follows its surviving
@@ -20,15 +20,17 @@
 //!    patient most of its records are linked to now (largest first, each id used once), or a
 //!    new id. So a record keeps its patient when the new decision agrees, and only links whose
 //!    decision changed move (with `link_events`).
-//! 4. **Write** in large transactions with multi-row statements: moved and new links, canonical rows whose values changed
-//!    (compared like `refresh_patient`, so an unchanged row gets no new version), rows left
-//!    without records (`merged` into where their records went, else `deleted`), blocking keys
-//!    whose set changed, and review proposals (idempotent inserts).
+//! 4. **Write** in large transactions with multi-row statements: moved and new links, review
+//!    proposals (idempotent inserts), canonical rows whose values changed (compared like
+//!    `refresh_patient`, so an unchanged row gets no new version; computed on a thread of their
+//!    own while this task reads and writes), rows left without records (`merged` into where
+//!    their records went, else `deleted`), and blocking keys whose set changed.
 //!
 //! Run it with the workers stopped: it reads a snapshot and writes its result in batches.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
@@ -40,7 +42,9 @@ use crate::model::{PatientId, RecordStatus, SourceKey, SourceRecord};
 use crate::store::{
     FieldSource, Link, LinkEvent, LinkMethod, PatientRow, ReviewState, Store, StoreResult, StoreTx,
 };
-use crate::sync::apply::IdentitySettings;
+use crate::sync::apply::{next_row, IdentitySettings};
+
+mod compact;
 
 /// How a rebuild runs.
 #[derive(Debug, Clone)]
@@ -54,6 +58,8 @@ pub struct RebuildOptions {
     /// A blocking key shared by more records than this is skipped as a candidate source (a
     /// placeholder or clinic contact nobody configured); the other keys still find matches.
     pub max_key_fanout: usize,
+    /// Page cache of the writing connection, in MiB (SQLite).
+    pub cache_mib: u32,
 }
 
 impl Default for RebuildOptions {
@@ -63,6 +69,7 @@ impl Default for RebuildOptions {
             page_size: 10_000,
             batch_writes: 5_000,
             max_key_fanout: 5_000,
+            cache_mib: 128,
         }
     }
 }
@@ -83,6 +90,10 @@ pub struct RebuildReport {
     pub match_keys_rewritten: u64,
     pub review_proposals: u64,
     pub elapsed_ms: u64,
+    /// When loading ended, from the start.
+    pub loaded_ms: u64,
+    /// When clustering (and naming) ended, from the start; writing took the rest.
+    pub clustered_ms: u64,
 }
 
 impl RebuildReport {
@@ -118,6 +129,9 @@ impl RebuildReport {
 }
 
 const NONE: u32 = u32::MAX;
+
+/// Buckets of the key-hash index: 2^20 (4 MiB of offsets), a few keys each at a million records.
+const BUCKET_BITS: u32 = 20;
 
 /// A record's current link, with the patient interned.
 #[derive(Clone, Copy)]
@@ -184,8 +198,9 @@ impl Fingerprint {
 
 /// Everything loaded for a rebuild.
 struct Loaded {
-    records: Vec<SourceRecord>,
-    /// Each record normalized once for matching, in the order of `records`.
+    /// The records packed, for survivorship; decoded a cluster at a time.
+    records: compact::Records,
+    /// Each record normalized once for matching (with its key), in the order of `records`.
     prepared: Vec<identity::Prepared>,
     /// Indexes into `records`, sorted by `SourceKey`'s own order, for lookups.
     by_key: Vec<u32>,
@@ -195,6 +210,9 @@ struct Loaded {
     fingerprints: Vec<Fingerprint>,
     /// `(hash, record)`, sorted.
     index: Vec<(u64, u32)>,
+    /// Where each bucket of hashes (their top [`BUCKET_BITS`] bits) starts in `index`, so a
+    /// lookup touches a few neighbouring entries instead of binary-searching millions.
+    buckets: Vec<u32>,
     current: Vec<Option<Current>>,
     patients: Patients,
     /// (record, patient) pairs an admin rejected.
@@ -204,9 +222,30 @@ struct Loaded {
 impl Loaded {
     fn find(&self, key: &SourceKey) -> Option<u32> {
         self.by_key
-            .binary_search_by(|&i| self.records[i as usize].key.cmp(key))
+            .binary_search_by(|&i| self.prepared[i as usize].key.cmp(key))
             .ok()
             .map(|pos| self.by_key[pos])
+    }
+
+    fn key(&self, i: u32) -> &SourceKey {
+        &self.prepared[i as usize].key
+    }
+
+    /// The records of a cluster, decoded.
+    fn members(&self, members: &[u32]) -> Vec<SourceRecord> {
+        members
+            .iter()
+            .map(|&m| self.records.get(m as usize))
+            .collect()
+    }
+
+    /// The records with key hash `h`.
+    fn with_hash(&self, h: u64) -> &[(u64, u32)] {
+        let b = (h >> (64 - BUCKET_BITS)) as usize;
+        let bucket = &self.index[self.buckets[b] as usize..self.buckets[b + 1] as usize];
+        let start = bucket.partition_point(|&(x, _)| x < h);
+        let end = start + bucket[start..].partition_point(|&(x, _)| x == h);
+        &bucket[start..end]
     }
 
     fn hashes(&self, i: u32) -> &[u64] {
@@ -230,6 +269,7 @@ pub async fn rebuild(
     };
     let loaded = load(store, settings, options).await?;
     report.records = loaded.records.len() as u64;
+    report.loaded_ms = started.elapsed().as_millis() as u64;
     info!(
         records = loaded.records.len(),
         keys = loaded.index.len(),
@@ -242,6 +282,7 @@ pub async fn rebuild(
     let names = name_clusters(&clusters, &loaded.current, &mut patients);
     let loaded = Loaded { patients, ..loaded };
     report.patients = clusters.len() as u64;
+    report.clustered_ms = started.elapsed().as_millis() as u64;
     info!(
         patients = clusters.len(),
         elapsed_ms = started.elapsed().as_millis() as u64,
@@ -251,7 +292,7 @@ pub async fn rebuild(
     let mut writer = Writer::new(store, options);
 
     // Links.
-    for (i, record) in loaded.records.iter().enumerate() {
+    for i in 0..loaded.records.len() {
         let target = names[cluster_of[i] as usize];
         match loaded.current[i] {
             Some(cur) if cur.patient == target => {
@@ -276,7 +317,7 @@ pub async fn rebuild(
                 }
                 let rule = d.rule.clone().or_else(|| Some("rebuild".into()));
                 let link = Link {
-                    key: record.key.clone(),
+                    key: loaded.key(i as u32).clone(),
                     patient_id: patient_id.clone(),
                     method: d.method,
                     rule: rule.clone(),
@@ -285,7 +326,7 @@ pub async fn rebuild(
                     decided_at: now,
                 };
                 let event = LinkEvent {
-                    key: record.key.clone(),
+                    key: loaded.key(i as u32).clone(),
                     action: if previous.is_some() { "relink" } else { "link" }.into(),
                     patient_id: Some(patient_id),
                     previous_patient_id,
@@ -311,7 +352,7 @@ pub async fn rebuild(
         report.review_proposals += 1;
         if let Some(tx) = writer.tx().await? {
             tx.open_review(
-                &loaded.records[*record as usize].key,
+                loaded.key(*record),
                 &loaded.patients.ids[patient as usize],
                 *score,
                 now,
@@ -321,100 +362,14 @@ pub async fn rebuild(
         writer.wrote().await?;
     }
 
-    // Canonical rows: every stored row is compared with its recomputation.
-    let mut cluster_of_patient: HashMap<u32, u32> = HashMap::new();
-    for (c, &p) in names.iter().enumerate() {
-        cluster_of_patient.insert(p, c as u32);
-    }
-    // Where a patient's records went, for rows left empty.
-    let mut went_to: HashMap<u32, BTreeMap<u32, u32>> = HashMap::new();
-    for (i, cur) in loaded.current.iter().enumerate() {
-        if let Some(cur) = cur {
-            let target = names[cluster_of[i] as usize];
-            if target != cur.patient {
-                *went_to
-                    .entry(cur.patient)
-                    .or_default()
-                    .entry(target)
-                    .or_default() += 1;
-            }
-        }
-    }
-    let mut seen = vec![false; clusters.len()];
-    let mut after: Option<PatientId> = None;
-    loop {
-        let page = store
-            .load_patients_page(after.as_ref(), options.page_size)
-            .await?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.patient_id.clone());
-        for old in page {
-            let cluster = loaded
-                .patients
-                .index
-                .get(&old.patient_id)
-                .and_then(|p| cluster_of_patient.get(p))
-                .copied();
-            match cluster {
-                Some(c) => {
-                    seen[c as usize] = true;
-                    let members: Vec<SourceRecord> = clusters[c as usize]
-                        .members
-                        .iter()
-                        .map(|&m| loaded.records[m as usize].clone())
-                        .collect();
-                    let golden = identity::golden_record(
-                        &old.patient_id,
-                        &members,
-                        &settings.survivorship,
-                        now,
-                    );
-                    if let Some(row) = next_row(golden.row, Some(&old), now) {
-                        report.patients_updated += 1;
-                        writer.patient(row, golden.provenance).await?;
-                    }
-                }
-                None if old.status != "merged" && old.status != "deleted" => {
-                    let into = loaded
-                        .patients
-                        .index
-                        .get(&old.patient_id)
-                        .and_then(|p| went_to.get(p))
-                        .and_then(|targets| {
-                            targets
-                                .iter()
-                                .max_by_key(|(p, n)| (**n, std::cmp::Reverse(**p)))
-                                .map(|(p, _)| loaded.patients.ids[*p as usize].clone())
-                        });
-                    let mut row = old;
-                    row.status = if into.is_some() { "merged" } else { "deleted" }.into();
-                    row.merged_into = into;
-                    row.updated_at = now;
-                    row.version += 1;
-                    report.patients_retired += 1;
-                    writer.patient(row, Vec::new()).await?;
-                }
-                None => {}
-            }
-        }
-    }
-    for (c, cluster) in clusters.iter().enumerate() {
-        if seen[c] {
-            continue;
-        }
-        let patient_id = loaded.patients.ids[names[c] as usize].clone();
-        let members: Vec<SourceRecord> = cluster
-            .members
-            .iter()
-            .map(|&m| loaded.records[m as usize].clone())
-            .collect();
-        let golden = identity::golden_record(&patient_id, &members, &settings.survivorship, now);
-        if let Some(row) = next_row(golden.row, None, now) {
-            report.patients_created += 1;
-            writer.patient(row, golden.provenance).await?;
-        }
-    }
-
+    // Canonical rows: every stored row is compared with its recomputation, on a thread of its
+    // own while this task reads stored rows and writes the results.
+    let loaded = Arc::new(loaded);
+    let rows = Rows::new(&loaded, &clusters, &names, &cluster_of, settings, now);
+    let rows = write_rows(store, &mut writer, Arc::new(rows), options.page_size).await?;
+    report.patients_updated = rows.updated;
+    report.patients_created = rows.created;
+    report.patients_retired = rows.retired;
     writer.flush().await?;
 
     // Blocking keys: rewritten only for records whose key set changed.
@@ -434,11 +389,11 @@ pub async fn rebuild(
             }
         }
     }
-    for (i, record) in loaded.records.iter().enumerate() {
+    for (i, prepared) in loaded.prepared.iter().enumerate() {
         if stored[i] != Some(loaded.fingerprints[i]) {
             report.match_keys_rewritten += 1;
-            let keys = loaded.prepared[i].record_blocking_keys();
-            writer.keys(record.key.clone(), keys).await?;
+            let keys = prepared.record_blocking_keys();
+            writer.keys(prepared.key.clone(), keys).await?;
         }
     }
     writer.finish().await?;
@@ -455,34 +410,209 @@ pub async fn rebuild(
     Ok(report)
 }
 
-/// The row to save for a recomputed golden row, or `None` when the stored values are the same
-/// (then no new version). Mirrors `apply::refresh_patient`.
-fn next_row(
-    mut row: PatientRow,
-    previous: Option<&PatientRow>,
+/// What the canonical-row phase needs, shared with its computing thread.
+struct Rows {
+    loaded: Arc<Loaded>,
+    members: Vec<Vec<u32>>,
+    names: Vec<u32>,
+    cluster_of_patient: HashMap<u32, u32>,
+    /// Where a patient's records went, for rows left empty: patient -> (patient, records).
+    went_to: HashMap<u32, BTreeMap<u32, u32>>,
+    survivorship: identity::SurvivorshipConfig,
     now: DateTime<Utc>,
-) -> Option<PatientRow> {
-    match previous {
-        Some(old) => {
-            let mut comparable = row.clone();
-            comparable.first_seen_at = old.first_seen_at;
-            comparable.updated_at = old.updated_at;
-            comparable.version = old.version;
-            comparable.merged_into = old.merged_into.clone();
-            if comparable == *old {
-                return None;
-            }
-            row.first_seen_at = old.first_seen_at;
-            row.version = old.version + 1;
+}
+
+/// Canonical rows written (or, dry, to write).
+#[derive(Default)]
+struct RowCounts {
+    updated: u64,
+    created: u64,
+    retired: u64,
+}
+
+/// Rows to save, one message per page of stored rows or of new clusters.
+type RowBatch = Vec<(PatientRow, Vec<FieldSource>)>;
+
+impl Rows {
+    fn new(
+        loaded: &Arc<Loaded>,
+        clusters: &[Cluster],
+        names: &[u32],
+        cluster_of: &[u32],
+        settings: &IdentitySettings,
+        now: DateTime<Utc>,
+    ) -> Self {
+        let mut cluster_of_patient = HashMap::new();
+        for (c, &p) in names.iter().enumerate() {
+            cluster_of_patient.insert(p, c as u32);
         }
-        None => {
-            row.first_seen_at = now;
-            row.version = 1;
+        let mut went_to: HashMap<u32, BTreeMap<u32, u32>> = HashMap::new();
+        for (i, cur) in loaded.current.iter().enumerate() {
+            if let Some(cur) = cur {
+                let target = names[cluster_of[i] as usize];
+                if target != cur.patient {
+                    *went_to
+                        .entry(cur.patient)
+                        .or_default()
+                        .entry(target)
+                        .or_default() += 1;
+                }
+            }
+        }
+        Rows {
+            loaded: loaded.clone(),
+            members: clusters.iter().map(|c| c.members.clone()).collect(),
+            names: names.to_vec(),
+            cluster_of_patient,
+            went_to,
+            survivorship: settings.survivorship.clone(),
+            now,
         }
     }
-    row.updated_at = now;
-    row.merged_into = None;
-    Some(row)
+
+    fn cluster(&self, patient_id: &PatientId) -> Option<u32> {
+        self.loaded
+            .patients
+            .index
+            .get(patient_id)
+            .and_then(|p| self.cluster_of_patient.get(p))
+            .copied()
+    }
+
+    /// The new version of a stored row, if any; marks its cluster seen.
+    fn next_stored(
+        &self,
+        old: PatientRow,
+        seen: &mut [bool],
+        counts: &mut RowCounts,
+    ) -> Option<(PatientRow, Vec<FieldSource>)> {
+        let loaded = &self.loaded;
+        match self.cluster(&old.patient_id) {
+            Some(c) => {
+                seen[c as usize] = true;
+                let members = loaded.members(&self.members[c as usize]);
+                let golden = identity::golden_record(
+                    &old.patient_id,
+                    &members,
+                    &self.survivorship,
+                    self.now,
+                );
+                let row = next_row(golden.row, Some(&old), self.now)?;
+                counts.updated += 1;
+                Some((row, golden.provenance))
+            }
+            None if old.status != "merged" && old.status != "deleted" => {
+                let into = loaded
+                    .patients
+                    .index
+                    .get(&old.patient_id)
+                    .and_then(|p| self.went_to.get(p))
+                    .and_then(|targets| {
+                        targets
+                            .iter()
+                            .max_by_key(|(p, n)| (**n, std::cmp::Reverse(**p)))
+                            .map(|(p, _)| loaded.patients.ids[*p as usize].clone())
+                    });
+                let mut row = old;
+                row.status = if into.is_some() { "merged" } else { "deleted" }.into();
+                row.merged_into = into;
+                row.updated_at = self.now;
+                row.version += 1;
+                counts.retired += 1;
+                Some((row, Vec::new()))
+            }
+            None => None,
+        }
+    }
+
+    /// The row of a cluster no stored row stands for.
+    fn new_row(&self, c: usize, counts: &mut RowCounts) -> Option<(PatientRow, Vec<FieldSource>)> {
+        let patient_id = &self.loaded.patients.ids[self.names[c] as usize];
+        let members = self.loaded.members(&self.members[c]);
+        let golden = identity::golden_record(patient_id, &members, &self.survivorship, self.now);
+        let row = next_row(golden.row, None, self.now)?;
+        counts.created += 1;
+        Some((row, golden.provenance))
+    }
+}
+
+/// Compares every stored canonical row with its recomputation and writes the changes, then
+/// writes the rows of clusters no stored row stands for. A thread computes golden rows while
+/// this task reads pages of stored rows and writes results, so the two cores overlap.
+async fn write_rows(
+    store: &dyn Store,
+    writer: &mut Writer<'_>,
+    rows: Arc<Rows>,
+    page_size: u32,
+) -> StoreResult<RowCounts> {
+    // `None` after the last page: only then are the clusters left over known.
+    let (page_tx, mut page_rx) = tokio::sync::mpsc::channel::<Option<Vec<PatientRow>>>(2);
+    let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<RowBatch>(2);
+    let worker = {
+        let rows = rows.clone();
+        std::thread::spawn(move || {
+            let mut counts = RowCounts::default();
+            let mut seen = vec![false; rows.members.len()];
+            loop {
+                let page = match page_rx.blocking_recv() {
+                    Some(Some(page)) => page,
+                    Some(None) => break,
+                    // Reading failed: nothing more to write.
+                    None => return counts,
+                };
+                let batch: RowBatch = page
+                    .into_iter()
+                    .filter_map(|old| rows.next_stored(old, &mut seen, &mut counts))
+                    .collect();
+                if out_tx.blocking_send(batch).is_err() {
+                    return counts;
+                }
+            }
+            let mut batch = Vec::new();
+            for c in (0..rows.members.len()).filter(|&c| !seen[c]) {
+                batch.extend(rows.new_row(c, &mut counts));
+                if batch.len() >= 1_000 && out_tx.blocking_send(std::mem::take(&mut batch)).is_err()
+                {
+                    return counts;
+                }
+            }
+            if !batch.is_empty() {
+                let _ = out_tx.blocking_send(batch);
+            }
+            counts
+        })
+    };
+    // Reading and writing take turns on this task; either waits on its database thread while
+    // the other goes on. The worker's channel closes when it is done (or on an error here).
+    let read = async move {
+        let mut after: Option<PatientId> = None;
+        loop {
+            let page = store.load_patients_page(after.as_ref(), page_size).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.patient_id.clone());
+            if page_tx.send(Some(page)).await.is_err() {
+                return StoreResult::Ok(());
+            }
+        }
+        let _ = page_tx.send(None).await;
+        StoreResult::Ok(())
+    };
+    let write = async {
+        while let Some(batch) = out_rx.recv().await {
+            for (row, provenance) in batch {
+                writer.patient(row, provenance).await?;
+            }
+        }
+        StoreResult::Ok(())
+    };
+    let (read, write) = futures::join!(read, write);
+    let counts = tokio::task::spawn_blocking(move || worker.join())
+        .await
+        .expect("the join task is not cancelled")
+        .expect("golden rows do not panic");
+    read?;
+    write?;
+    Ok(counts)
 }
 
 async fn load(
@@ -490,71 +620,88 @@ async fn load(
     settings: &IdentitySettings,
     options: &RebuildOptions,
 ) -> StoreResult<Loaded> {
-    let mut records: Vec<SourceRecord> = Vec::new();
+    // Page by page: each page is prepared on every core (normalisation, phones especially, is
+    // the costly part) and packed, then dropped, so whole records are never all in memory.
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .max(1);
+    let mut records = compact::Records::default();
+    let mut prepared = Vec::new();
+    let mut key_hashes = Vec::new();
+    let mut key_offsets = vec![0u32];
+    let mut fingerprints = Vec::new();
     let mut after: Option<SourceKey> = None;
+    type Computed = (identity::Prepared, Vec<u64>, Fingerprint);
     loop {
         let page = store
             .load_source_records_page(after.as_ref(), options.page_size, false)
             .await?;
         let Some(last) = page.last() else { break };
         after = Some(last.key.clone());
-        records.extend(page);
-    }
-    let mut by_key: Vec<u32> = (0..records.len() as u32).collect();
-    by_key.sort_by(|&a, &b| records[a as usize].key.cmp(&records[b as usize].key));
-
-    // Blocking keys on every core: normalisation (phones especially) is the costly part.
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .max(1);
-    let chunk = records.len().div_ceil(threads).max(1);
-    type Computed = (identity::Prepared, Vec<u64>, Fingerprint);
-    let per_chunk: Vec<Vec<Computed>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = records
-            .chunks(chunk)
-            .map(|part| {
-                scope.spawn(|| {
-                    part.iter()
-                        .map(|r| {
-                            let prepared = identity::Prepared::new(r, &settings.matching);
-                            let keys = prepared.record_blocking_keys();
-                            let hashes: Vec<u64> = keys.iter().map(|k| hash_key(k)).collect();
-                            let mut fp = Fingerprint::default();
-                            hashes.iter().for_each(|&h| fp.add(h));
-                            (prepared, hashes, fp)
-                        })
-                        .collect()
+        let chunk = page.len().div_ceil(threads).max(1);
+        let per_chunk: Vec<(Vec<Computed>, compact::Records)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = page
+                .chunks(chunk)
+                .map(|part| {
+                    scope.spawn(|| {
+                        let mut packed = compact::Records::default();
+                        let computed = part
+                            .iter()
+                            .map(|r| {
+                                packed.push(r);
+                                let prepared = identity::Prepared::new(r, &settings.matching);
+                                let keys = prepared.record_blocking_keys();
+                                let hashes: Vec<u64> = keys.iter().map(|k| hash_key(k)).collect();
+                                let mut fp = Fingerprint::default();
+                                hashes.iter().for_each(|&h| fp.add(h));
+                                (prepared, hashes, fp)
+                            })
+                            .collect();
+                        (computed, packed)
+                    })
                 })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("key computation does not panic"))
-            .collect()
-    });
-    let mut key_hashes = Vec::new();
-    let mut key_offsets = Vec::with_capacity(records.len() + 1);
-    let mut fingerprints = Vec::with_capacity(records.len());
-    let mut prepared = Vec::with_capacity(records.len());
-    key_offsets.push(0u32);
-    for (p, hashes, fp) in per_chunk.into_iter().flatten() {
-        prepared.push(p);
-        key_hashes.extend(hashes);
-        key_offsets.push(key_hashes.len() as u32);
-        fingerprints.push(fp);
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("key computation does not panic"))
+                .collect()
+        });
+        for (computed, packed) in per_chunk {
+            records.append(&packed);
+            for (p, hashes, fp) in computed {
+                prepared.push(p);
+                key_hashes.extend(hashes);
+                key_offsets.push(key_hashes.len() as u32);
+                fingerprints.push(fp);
+            }
+        }
     }
+    records.shrink_to_fit();
+    prepared.shrink_to_fit();
+    key_hashes.shrink_to_fit();
+    let mut by_key: Vec<u32> = (0..prepared.len() as u32).collect();
+    by_key.sort_by(|&a, &b| prepared[a as usize].key.cmp(&prepared[b as usize].key));
     let mut index: Vec<(u64, u32)> = Vec::with_capacity(key_hashes.len());
-    for i in 0..records.len() {
+    for i in 0..prepared.len() {
         for &h in &key_hashes[key_offsets[i] as usize..key_offsets[i + 1] as usize] {
             index.push((h, i as u32));
         }
     }
     index.sort_unstable();
     index.dedup();
+    let mut buckets = Vec::with_capacity((1 << BUCKET_BITS) + 1);
+    let mut at = 0usize;
+    for b in 0..(1u64 << BUCKET_BITS) {
+        while at < index.len() && (index[at].0 >> (64 - BUCKET_BITS)) < b {
+            at += 1;
+        }
+        buckets.push(at as u32);
+    }
+    buckets.push(index.len() as u32);
 
     let mut loaded = Loaded {
-        current: vec![None; records.len()],
+        current: vec![None; prepared.len()],
         records,
         prepared,
         by_key,
@@ -562,6 +709,7 @@ async fn load(
         key_offsets,
         fingerprints,
         index,
+        buckets,
         patients: Patients::default(),
         rejected: HashSet::new(),
     };
@@ -635,11 +783,11 @@ fn cluster(loaded: &Loaded, settings: &IdentitySettings, options: &RebuildOption
     // Records an upstream merged away follow their surviving record, after everything else.
     let mut deferred = Vec::new();
     for i in 0..n as u32 {
-        let record = &loaded.records[i as usize];
         if cluster_of[i as usize] != NONE {
             continue;
         }
-        if record.status == RecordStatus::Merged {
+        if loaded.prepared[i as usize].status == RecordStatus::Merged {
+            let record = loaded.records.get(i as usize);
             if let Some(into) = &record.merged_into {
                 let target = SourceKey::new(record.key.source, into.clone());
                 if let Some(t) = loaded.find(&target).filter(|&t| t != i) {
@@ -710,12 +858,11 @@ fn decide_one(
 ) {
     let mut reached: BTreeSet<u32> = BTreeSet::new();
     for &h in loaded.hashes(i) {
-        let start = loaded.index.partition_point(|&(x, _)| x < h);
-        let end = loaded.index.partition_point(|&(x, _)| x <= h);
-        if end - start > options.max_key_fanout {
+        let with_hash = loaded.with_hash(h);
+        if with_hash.len() > options.max_key_fanout {
             continue;
         }
-        for &(_, j) in &loaded.index[start..end] {
+        for &(_, j) in with_hash {
             let c = cluster_of[j as usize];
             if j != i && c != NONE {
                 reached.insert(c);
@@ -728,11 +875,13 @@ fn decide_one(
         .map(|&c| {
             let cl = &clusters[c as usize];
             let rejected_patient = |p: u32| loaded.rejected.contains(&(i, p));
-            let rejected = cl.seed.is_some_and(rejected_patient)
-                || cl.members.iter().any(|&m| {
-                    loaded.current[m as usize].is_some_and(|cur| rejected_patient(cur.patient))
-                        || mine.is_some_and(|p| loaded.rejected.contains(&(m, p)))
-                });
+            // Nothing to look up when no admin rejected anything (the usual case).
+            let rejected = !loaded.rejected.is_empty()
+                && (cl.seed.is_some_and(rejected_patient)
+                    || cl.members.iter().any(|&m| {
+                        loaded.current[m as usize].is_some_and(|cur| rejected_patient(cur.patient))
+                            || mine.is_some_and(|p| loaded.rejected.contains(&(m, p)))
+                    }));
             PreparedCandidate {
                 patient_id: PatientId(format!("{c:010}")),
                 records: cl
@@ -864,6 +1013,7 @@ struct Writer<'a> {
     store: &'a dyn Store,
     dry_run: bool,
     batch: usize,
+    cache_mib: u32,
     pending: usize,
     tx: Option<Box<dyn StoreTx>>,
     links: Vec<(Link, LinkEvent)>,
@@ -877,6 +1027,7 @@ impl<'a> Writer<'a> {
             store,
             dry_run: options.dry_run,
             batch: options.batch_writes.max(1),
+            cache_mib: options.cache_mib,
             pending: 0,
             tx: None,
             links: Vec::new(),
@@ -890,7 +1041,9 @@ impl<'a> Writer<'a> {
             return Ok(None);
         }
         if self.tx.is_none() {
-            self.tx = Some(self.store.begin().await?);
+            let mut tx = self.store.begin().await?;
+            tx.bulk_write_cache(self.cache_mib).await?;
+            self.tx = Some(tx);
         }
         Ok(self.tx.as_deref_mut().map(|t| t as &mut dyn StoreTx))
     }
@@ -904,7 +1057,7 @@ impl<'a> Writer<'a> {
         if self.pending >= self.batch {
             self.pending = 0;
             if let Some(tx) = self.tx.take() {
-                tx.commit().await?;
+                commit(tx).await?;
             }
         }
         Ok(())
@@ -966,8 +1119,15 @@ impl<'a> Writer<'a> {
     async fn finish(mut self) -> StoreResult<()> {
         self.flush().await?;
         if let Some(tx) = self.tx.take() {
-            tx.commit().await?;
+            commit(tx).await?;
         }
         Ok(())
     }
+}
+
+/// Commits a writer's transaction, its connection's page cache set back first so the pooled
+/// connection does not keep (and later fill) the bulk writer's cache.
+async fn commit(mut tx: Box<dyn StoreTx>) -> StoreResult<()> {
+    tx.bulk_write_cache(0).await?;
+    tx.commit().await
 }

@@ -3,6 +3,7 @@
 
 mod app;
 mod apply_pages;
+mod bulk_write;
 mod cli;
 mod crash;
 mod export;
