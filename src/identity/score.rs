@@ -51,9 +51,9 @@ const EMAIL_DISAGREE: MU = (0.15, 0.9995); // -2.74
 const PHONE_AGREE: MU = (0.8, 0.0005); // +10.64 any number in common
 const PHONE_DISAGREE: MU = (0.2, 0.9995); // -2.32 no number in common
 const ADDRESS_EXACT: MU = (0.7, 0.0005); // +10.45 same street line (and unit) and ZIP
-const ADDRESS_FUZZY: MU = (0.08, 0.001); // +6.32 street line JW >= 0.92, same ZIP
+const ADDRESS_FUZZY: MU = (0.08, 0.001); // +6.32 street line JW >= 0.92, same ZIP; or same line and city, ZIP mistyped
 const ADDRESS_AREA: MU = (0.1, 0.02); // +2.32 same ZIP only, or same building, other unit
-const ADDRESS_DISAGREE: MU = (0.25, 0.979); // -1.97 (people move; addresses are typed with errors)
+const ADDRESS_DISAGREE: MU = (0.12, 0.979); // -3.03
 
 /// Upper bound on the summed positive weight of email, phone and address: one household shares
 /// all three, so together they are evidence of the household, not thrice of the person.
@@ -349,7 +349,8 @@ impl Comparison {
             return Some(RULE_NAME_DOB_ZIP);
         }
         // A changed or hyphenated surname: the same given name and birth date with a personal
-        // contact in common. Twins differ in given name, other relatives in birth date.
+        // contact in common. Twins differ in given name, other relatives in birth date. An
+        // address alone is not enough: care homes and shelters house many people at one.
         if self.given == NameLevel::Exact
             && !self.names_swapped
             && self.birth_date == DateLevel::Exact
@@ -613,11 +614,18 @@ fn compare_addresses(a: Option<&AddressKey>, b: Option<&AddressKey>) -> AddressL
         (Some(x), Some(y)) => Some(x == y),
         _ => None,
     };
+    let same_city = matches!((&a.city, &b.city), (Some(x), Some(y)) if x == y);
     let other_unit = matches!((&a.unit, &b.unit), (Some(x), Some(y)) if x != y);
     match (&a.line1, &b.line1) {
         (Some(x), Some(y)) => {
             if zips == Some(false) {
-                AddressLevel::Disagree
+                // The same street line in the same city under another ZIP is a mistyped ZIP
+                // more often than a move.
+                if same_city && !other_unit && strsim::jaro_winkler(x, y) >= ADDRESS_FUZZY_JW {
+                    AddressLevel::Fuzzy
+                } else {
+                    AddressLevel::Disagree
+                }
             } else if x == y {
                 if other_unit {
                     AddressLevel::Area

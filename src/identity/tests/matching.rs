@@ -1207,3 +1207,23 @@ fn linking_without_a_birth_date_is_opt_in_and_needs_name_email_and_one_more_cont
     );
     assert_eq!(outcome(&d), Outcome::Review(vec!["p1", "p2"]));
 }
+
+#[test]
+fn a_mistyped_zip_in_the_same_city_is_a_fuzzy_address_and_another_city_disagrees() {
+    let level = |a: &P, b: &P| {
+        explain(&a.0, &b.0, &MatchConfig::default())
+            .contributions
+            .iter()
+            .find(|c| c.field == "address")
+            .map(|c| c.level)
+            .unwrap()
+    };
+    let home = P::new("Ana", "Lopez").address("12 North Elm Street", "62704");
+    let zip_typo = P::new("Ana", "Lopez").address("12 N Elm St", "62740");
+    assert_eq!(level(&home, &zip_typo), "fuzzy");
+    let mut elsewhere = P::new("Ana", "Lopez").address("12 North Elm Street", "62740");
+    elsewhere.0.address.city = Some("Peoria".into());
+    assert_eq!(level(&home, &elsewhere), "disagree");
+    let other_street = P::new("Ana", "Lopez").address("480 Lake Shore Drive", "62740");
+    assert_eq!(level(&home, &other_street), "disagree");
+}
