@@ -3,33 +3,21 @@
 //! decisions and review proposals, on both backends.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
 use chrono::Utc;
-use patient_sync::config::Settings;
 use patient_sync::model::{SourceKey, SourceKind, SourceRecord};
 use patient_sync::sandbox::population::{Population, PopulationConfig};
-use patient_sync::sources::Source;
 use patient_sync::store::{PatientRow, Store};
 use patient_sync::sync::apply::{apply_record, IdentitySettings};
 use patient_sync::sync::apply_batch::apply_records;
-use patient_sync::sync::import::offline_source;
 
 use crate::helpers::{database, Db};
 use crate::on_both_backends;
 
-fn sources() -> BTreeMap<SourceKind, Arc<dyn Source>> {
-    let settings = Settings::load_from(None, &[]).expect("default settings");
-    SourceKind::ALL
-        .into_iter()
-        .map(|k| (k, offline_source(&settings, k)))
-        .collect()
-}
-
 /// Every record of the population (duplicates, families, twins, archived records and
 /// cross-system ids included), source by source in id order, as a resync lists them.
 fn listed(pop: &Population) -> Vec<SourceRecord> {
-    let sources = sources();
+    let sources = crate::identity_flow::sources();
     [SourceKind::Healthie, SourceKind::Intakeq, SourceKind::Hint]
         .into_iter()
         .flat_map(|kind| {

@@ -25,7 +25,8 @@ fn identity() -> IdentitySettings {
     IdentitySettings::default()
 }
 
-fn sources() -> BTreeMap<SourceKind, Arc<dyn Source>> {
+/// Every source, built offline (never called), for `parse_record`.
+pub(crate) fn sources() -> BTreeMap<SourceKind, Arc<dyn Source>> {
     let settings = Settings::load_from(None, &[]).expect("default settings");
     SourceKind::ALL
         .into_iter()
