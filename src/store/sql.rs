@@ -97,6 +97,25 @@ macro_rules! impl_store {
             })
         }
 
+        /// Binds a source record's eight columns (`RECORD_COLUMNS` order) to `q`.
+        fn bind_record<'q>(
+            q: sqlx::query::Query<'q, $Db, <$Db as sqlx::Database>::Arguments<'q>>,
+            record: &'q SourceRecord,
+        ) -> StoreResult<sqlx::query::Query<'q, $Db, <$Db as sqlx::Database>::Arguments<'q>>> {
+            let fields = serde_json::to_string(&record.fields)
+                .map_err(|e| StoreError::corrupt("source record fields", e))?;
+            let raw = serde_json::to_string(&record.raw)
+                .map_err(|e| StoreError::corrupt("source record payload", e))?;
+            Ok(q.bind(record.key.source.as_str())
+                .bind(record.key.id.as_str())
+                .bind(record.status.as_str())
+                .bind(record.merged_into.as_ref().map(|m| m.as_str()))
+                .bind(fields)
+                .bind(raw)
+                .bind(record.source_updated_at)
+                .bind(record.fetched_at))
+        }
+
         fn record_from_row(row: &DbRow) -> StoreResult<SourceRecord> {
             let fields: String = row.try_get("fields")?;
             let raw: String = row.try_get("raw")?;
@@ -1061,27 +1080,14 @@ macro_rules! impl_store {
                     }
                     Some(_) => SaveOutcome::Updated,
                 };
-                let fields = serde_json::to_string(&record.fields)
-                    .map_err(|e| StoreError::corrupt("source record fields", e))?;
-                let raw = serde_json::to_string(&record.raw)
-                    .map_err(|e| StoreError::corrupt("source record payload", e))?;
-                sqlx::query(
+                let q = sqlx::query(
                     "INSERT INTO source_records (source, source_id, status, merged_into, fields, raw, source_updated_at, fetched_at) \
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
                      ON CONFLICT (source, source_id) DO UPDATE SET status = excluded.status, merged_into = excluded.merged_into, \
                      fields = excluded.fields, raw = excluded.raw, source_updated_at = excluded.source_updated_at, \
                      fetched_at = excluded.fetched_at",
-                )
-                .bind(record.key.source.as_str())
-                .bind(record.key.id.as_str())
-                .bind(record.status.as_str())
-                .bind(record.merged_into.as_ref().map(|m| m.as_str()))
-                .bind(fields)
-                .bind(raw)
-                .bind(record.source_updated_at)
-                .bind(record.fetched_at)
-                .execute(&mut *self.tx)
-                .await?;
+                );
+                bind_record(q, record)?.execute(&mut *self.tx).await?;
                 Ok(outcome)
             }
 
@@ -1527,19 +1533,7 @@ macro_rules! impl_store {
                     );
                     let mut q = sqlx::query(&sql);
                     for record in chunk {
-                        let fields = serde_json::to_string(&record.fields)
-                            .map_err(|e| StoreError::corrupt("source record fields", e))?;
-                        let raw = serde_json::to_string(&record.raw)
-                            .map_err(|e| StoreError::corrupt("source record payload", e))?;
-                        q = q
-                            .bind(record.key.source.as_str())
-                            .bind(record.key.id.as_str())
-                            .bind(record.status.as_str())
-                            .bind(record.merged_into.as_ref().map(|m| m.as_str()))
-                            .bind(fields)
-                            .bind(raw)
-                            .bind(record.source_updated_at)
-                            .bind(record.fetched_at);
+                        q = bind_record(q, record)?;
                     }
                     q.execute(&mut *self.tx).await?;
                 }
