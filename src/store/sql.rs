@@ -116,6 +116,45 @@ macro_rules! impl_store {
                 .bind(record.fetched_at))
         }
 
+        /// `(blocking key, patient)` for every linked record holding one of `keys`, other than
+        /// `exclude`, in statements of at most `BATCH_PARAMS` parameters.
+        async fn patients_by_keys_in(
+            tx: &mut sqlx::Transaction<'static, $Db>,
+            keys: &[String],
+            exclude: Option<&SourceKey>,
+        ) -> StoreResult<Vec<(String, PatientId)>> {
+            // No source is named "", so no row is left out without an `exclude`.
+            let (source, id) = exclude.map_or(("", ""), |k| (k.source.as_str(), k.id.as_str()));
+            let mut found = Vec::new();
+            for chunk in keys.chunks(crate::store::sql::BATCH_PARAMS - 2) {
+                let sql = format!(
+                    "SELECT DISTINCT m.key, l.patient_id FROM match_keys m \
+                     JOIN links l ON l.source = m.source AND l.source_id = m.source_id \
+                     WHERE m.key IN ({}) AND NOT (m.source = $1 AND m.source_id = $2)",
+                    crate::store::sql::numbered(3, chunk.len())
+                );
+                let mut q = sqlx::query(&sql).bind(source).bind(id);
+                for k in chunk {
+                    q = q.bind(k);
+                }
+                for row in q.fetch_all(&mut **tx).await? {
+                    found.push((row.try_get("key")?, PatientId(row.try_get("patient_id")?)));
+                }
+            }
+            Ok(found)
+        }
+
+        /// `col = excluded.col` for every `patient_history` column an upsert of a version
+        /// rewrites (all but the key and the version).
+        fn history_updates() -> String {
+            PATIENT_COLUMNS
+                .split(", ")
+                .filter(|c| *c != "patient_id" && *c != "version")
+                .map(|c| format!("{c} = excluded.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+
         fn record_from_row(row: &DbRow) -> StoreResult<SourceRecord> {
             let fields: String = row.try_get("fields")?;
             let raw: String = row.try_get("raw")?;
@@ -1036,15 +1075,10 @@ macro_rules! impl_store {
             for prev in &closed {
                 valid_from = valid_from.max(prev.try_get::<DateTime<Utc>, _>("valid_to")?);
             }
-            let updates: Vec<String> = PATIENT_COLUMNS
-                .split(", ")
-                .filter(|c| *c != "patient_id" && *c != "version")
-                .map(|c| format!("{c} = excluded.{c}"))
-                .collect();
             let sql = format!(
                 "INSERT INTO patient_history ({PATIENT_COLUMNS}, valid_from) SELECT {PATIENT_COLUMNS}, $2 FROM patients WHERE patient_id = $1 \
                  ON CONFLICT (patient_id, version) DO UPDATE SET {}, valid_to = NULL",
-                updates.join(", ")
+                history_updates()
             );
             sqlx::query(&sql)
                 .bind(row.patient_id.as_str())
@@ -1205,23 +1239,9 @@ macro_rules! impl_store {
                 keys: &[String],
                 exclude: &SourceKey,
             ) -> StoreResult<Vec<PatientId>> {
-                let mut found = std::collections::BTreeSet::new();
-                for k in keys {
-                    let rows = sqlx::query(
-                        "SELECT DISTINCT l.patient_id FROM match_keys m \
-                         JOIN links l ON l.source = m.source AND l.source_id = m.source_id \
-                         WHERE m.key = $1 AND NOT (m.source = $2 AND m.source_id = $3)",
-                    )
-                    .bind(k)
-                    .bind(exclude.source.as_str())
-                    .bind(exclude.id.as_str())
-                    .fetch_all(&mut *self.tx)
-                    .await?;
-                    for row in rows {
-                        found.insert(PatientId(row.try_get("patient_id")?));
-                    }
-                }
-                Ok(found.into_iter().collect())
+                let found = patients_by_keys_in(&mut self.tx, keys, Some(exclude)).await?;
+                let patients: std::collections::BTreeSet<PatientId> = found.into_iter().map(|(_, p)| p).collect();
+                Ok(patients.into_iter().collect())
             }
 
             async fn load_patient_links(&mut self, patient_id: &PatientId) -> StoreResult<Vec<Link>> {
@@ -1410,17 +1430,12 @@ macro_rules! impl_store {
                     let (fresh, changed): (Vec<&PatientRow>, Vec<&PatientRow>) =
                         chunk.iter().map(|(row, _)| row).partition(|row| row.version <= 1);
                     if !fresh.is_empty() {
-                        let updates: Vec<String> = PATIENT_COLUMNS
-                            .split(", ")
-                            .filter(|c| *c != "patient_id" && *c != "version")
-                            .map(|c| format!("{c} = excluded.{c}"))
-                            .collect();
                         let sql = format!(
                             "INSERT INTO patient_history ({PATIENT_COLUMNS}, valid_from) SELECT {PATIENT_COLUMNS}, updated_at FROM patients \
                              WHERE patient_id IN ({}) \
                              ON CONFLICT (patient_id, version) DO UPDATE SET {}, valid_to = NULL",
                             crate::store::sql::bulk_placeholders($backend, fresh.len(), 1),
-                            updates.join(", ")
+                            history_updates()
                         );
                         let mut q = sqlx::query(&sql);
                         for row in &fresh {
@@ -1541,23 +1556,7 @@ macro_rules! impl_store {
             }
 
             async fn find_patients_by_keys(&mut self, keys: &[String]) -> StoreResult<Vec<(String, PatientId)>> {
-                let mut found = Vec::new();
-                for chunk in keys.chunks(crate::store::sql::BATCH_PARAMS) {
-                    let sql = format!(
-                        "SELECT DISTINCT m.key, l.patient_id FROM match_keys m \
-                         JOIN links l ON l.source = m.source AND l.source_id = m.source_id \
-                         WHERE m.key IN ({})",
-                        crate::store::sql::numbered(1, chunk.len())
-                    );
-                    let mut q = sqlx::query(&sql);
-                    for k in chunk {
-                        q = q.bind(k);
-                    }
-                    for row in q.fetch_all(&mut *self.tx).await? {
-                        found.push((row.try_get("key")?, PatientId(row.try_get("patient_id")?)));
-                    }
-                }
-                Ok(found)
+                patients_by_keys_in(&mut self.tx, keys, None).await
             }
 
             async fn load_linked_records_many(

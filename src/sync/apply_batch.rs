@@ -22,14 +22,7 @@ pub async fn apply_records(
     now: DateTime<Utc>,
 ) -> StoreResult<Vec<Applied>> {
     let mut known: HashSet<SourceKey> = HashSet::new();
-    let mut by_source: HashMap<SourceKind, Vec<SourceId>> = HashMap::new();
-    for r in records {
-        by_source
-            .entry(r.key.source)
-            .or_default()
-            .push(r.key.id.clone());
-    }
-    for (source, ids) in by_source {
+    for (source, ids) in ids_by_source(records) {
         known.extend(
             tx.known_source_ids(source, &ids)
                 .await?
@@ -56,6 +49,15 @@ pub async fn apply_records(
     }
     out.extend(apply_new_records(tx, &group, settings, now).await?);
     Ok(out)
+}
+
+/// The records' ids, by source.
+fn ids_by_source(records: &[&SourceRecord]) -> HashMap<SourceKind, Vec<SourceId>> {
+    let mut out: HashMap<SourceKind, Vec<SourceId>> = HashMap::new();
+    for r in records {
+        out.entry(r.key.source).or_default().push(r.key.id.clone());
+    }
+    out
 }
 
 /// Applies records with distinct keys that have no stored record and no link, none merged
@@ -110,14 +112,7 @@ async fn apply_new_records(
         members.entry(patient).or_default().push(record);
     }
     let mut rejected: HashSet<(SourceKey, PatientId)> = HashSet::new();
-    let mut ids_by_source: HashMap<SourceKind, Vec<SourceId>> = HashMap::new();
-    for r in records {
-        ids_by_source
-            .entry(r.key.source)
-            .or_default()
-            .push(r.key.id.clone());
-    }
-    for (source, ids) in ids_by_source {
+    for (source, ids) in ids_by_source(records) {
         for (id, patient) in tx.load_rejected_many(source, &ids).await? {
             rejected.insert((SourceKey::new(source, id), patient));
         }
