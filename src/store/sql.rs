@@ -12,6 +12,7 @@ macro_rules! impl_store {
         advisory_lock = $advisory_lock:expr,
         begin = $begin:expr $(,)?
     ) => {
+        use std::collections::{HashMap, HashSet};
         use std::time::Duration;
 
         use async_trait::async_trait;
@@ -1088,6 +1089,101 @@ macro_rules! impl_store {
             Ok(())
         }
 
+        /// [`write_history`] for many rows at once (each a later version of its patient, after
+        /// the `patients` write): one statement closes the open versions, one stores the rows.
+        async fn write_history_many(
+            tx: &mut sqlx::Transaction<'static, $Db>,
+            backend: crate::store::Backend,
+            rows: &[&PatientRow],
+        ) -> StoreResult<()> {
+            let distinct: HashSet<&str> = rows.iter().map(|r| r.patient_id.as_str()).collect();
+            if distinct.len() != rows.len() {
+                for row in rows {
+                    write_history(tx, row).await?;
+                }
+                return Ok(());
+            }
+            for chunk in rows.chunks(crate::store::sql::bulk_params(backend) / 2) {
+                let sql = format!(
+                    "UPDATE patient_history SET valid_to = CASE WHEN patient_history.valid_from > p.updated_at \
+                     THEN patient_history.valid_from ELSE p.updated_at END \
+                     FROM patients p WHERE p.patient_id IN ({}) AND patient_history.patient_id = p.patient_id \
+                     AND patient_history.valid_to IS NULL AND patient_history.version <> p.version \
+                     RETURNING patient_history.patient_id AS patient_id, patient_history.valid_to AS valid_to",
+                    crate::store::sql::bulk_list(backend, 1, chunk.len())
+                );
+                let mut q = sqlx::query(&sql);
+                for row in chunk {
+                    q = q.bind(row.patient_id.as_str());
+                }
+                let mut valid_from: HashMap<&str, DateTime<Utc>> = chunk
+                    .iter()
+                    .map(|r| (r.patient_id.as_str(), r.updated_at))
+                    .collect();
+                for closed in q.fetch_all(&mut **tx).await? {
+                    let id: String = closed.try_get("patient_id")?;
+                    let to: DateTime<Utc> = closed.try_get("valid_to")?;
+                    if let Some(from) = valid_from.get_mut(id.as_str()) {
+                        *from = (*from).max(to);
+                    }
+                }
+                let sql = format!(
+                    "WITH v (pid, vf) AS (VALUES {}) \
+                     INSERT INTO patient_history ({PATIENT_COLUMNS}, valid_from) SELECT {PATIENT_COLUMNS}, v.vf FROM patients, v \
+                     WHERE patients.patient_id = v.pid \
+                     ON CONFLICT (patient_id, version) DO UPDATE SET {}, valid_to = NULL",
+                    crate::store::sql::bulk_placeholders(backend, chunk.len(), 2),
+                    history_updates()
+                );
+                let mut q = sqlx::query(&sql);
+                for row in chunk {
+                    q = q.bind(row.patient_id.as_str()).bind(valid_from[row.patient_id.as_str()]);
+                }
+                q.execute(&mut **tx).await?;
+            }
+            Ok(())
+        }
+
+        /// Deletes the provenance rows of `rows`' patients for fields their new provenance
+        /// does not list.
+        async fn delete_stale_field_sources(
+            tx: &mut sqlx::Transaction<'static, $Db>,
+            backend: crate::store::Backend,
+            rows: &[&(PatientRow, Vec<FieldSource>)],
+        ) -> StoreResult<()> {
+            if rows.is_empty() {
+                return Ok(());
+            }
+            let kept: usize = rows.iter().map(|(_, fs)| fs.len()).sum();
+            let keep = if kept == 0 {
+                String::new()
+            } else {
+                let pairs = match backend {
+                    crate::store::Backend::Sqlite => vec!["(?, ?)"; kept].join(", "),
+                    _ => (0..kept)
+                        .map(|i| format!("(${}, ${})", rows.len() + 2 * i + 1, rows.len() + 2 * i + 2))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                };
+                format!(" AND (patient_id, field) NOT IN (VALUES {pairs})")
+            };
+            let sql = format!(
+                "DELETE FROM patient_field_sources WHERE patient_id IN ({}){keep}",
+                crate::store::sql::bulk_list(backend, 1, rows.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for (row, _) in rows {
+                q = q.bind(row.patient_id.as_str());
+            }
+            for (row, fs) in rows {
+                for f in fs {
+                    q = q.bind(row.patient_id.as_str()).bind(&f.field);
+                }
+            }
+            q.execute(&mut **tx).await?;
+            Ok(())
+        }
+
         /// A write transaction on this backend.
         pub struct $Tx {
             tx: sqlx::Transaction<'static, $Db>,
@@ -1443,18 +1539,24 @@ macro_rules! impl_store {
                         }
                         q.execute(&mut *self.tx).await?;
                     }
-                    for row in changed {
-                        write_history(&mut self.tx, row).await?;
+                    write_history_many(&mut self.tx, $backend, &changed).await?;
+                    // Provenance: rows for fields a patient no longer has go, the rest are
+                    // upserted and rewritten only when another record (or version) supplies
+                    // the field, so an unchanged field keeps its row and when it was decided.
+                    let limit = crate::store::sql::bulk_params($backend);
+                    let mut part: Vec<&(PatientRow, Vec<FieldSource>)> = Vec::new();
+                    let mut params = 0;
+                    for item in chunk {
+                        let needed = 1 + 2 * item.1.len();
+                        if !part.is_empty() && params + needed > limit {
+                            delete_stale_field_sources(&mut self.tx, $backend, &part).await?;
+                            part.clear();
+                            params = 0;
+                        }
+                        part.push(item);
+                        params += needed;
                     }
-                    let sql = format!(
-                        "DELETE FROM patient_field_sources WHERE patient_id IN ({})",
-                        crate::store::sql::bulk_placeholders($backend, chunk.len(), 1)
-                    );
-                    let mut q = sqlx::query(&sql);
-                    for (row, _) in chunk {
-                        q = q.bind(row.patient_id.as_str());
-                    }
-                    q.execute(&mut *self.tx).await?;
+                    delete_stale_field_sources(&mut self.tx, $backend, &part).await?;
                     let sources: Vec<(&PatientRow, &FieldSource)> = chunk
                         .iter()
                         .flat_map(|(row, fs)| fs.iter().map(move |f| (row, f)))
@@ -1462,7 +1564,12 @@ macro_rules! impl_store {
                     for part in sources.chunks(crate::store::sql::bulk_params($backend) / 6) {
                         let sql = format!(
                             "INSERT INTO patient_field_sources (patient_id, field, source, source_id, source_updated_at, decided_at) \
-                             VALUES {}",
+                             VALUES {} \
+                             ON CONFLICT (patient_id, field) DO UPDATE SET source = excluded.source, source_id = excluded.source_id, \
+                             source_updated_at = excluded.source_updated_at, decided_at = excluded.decided_at \
+                             WHERE patient_field_sources.source IS DISTINCT FROM excluded.source \
+                             OR patient_field_sources.source_id IS DISTINCT FROM excluded.source_id \
+                             OR patient_field_sources.source_updated_at IS DISTINCT FROM excluded.source_updated_at",
                             crate::store::sql::bulk_placeholders($backend, part.len(), 6)
                         );
                         let mut q = sqlx::query(&sql);
@@ -1683,6 +1790,15 @@ pub(crate) fn bulk_params(backend: crate::store::Backend) -> usize {
     match backend {
         crate::store::Backend::Sqlite => 2_400,
         _ => BATCH_PARAMS,
+    }
+}
+
+/// A plain list of `count` placeholders for [`bulk_params`]-sized statements, numbered from
+/// `first` where the backend numbers them (`?, ?` on SQLite, `$3, $4` elsewhere).
+pub(crate) fn bulk_list(backend: crate::store::Backend, first: usize, count: usize) -> String {
+    match backend {
+        crate::store::Backend::Sqlite => vec!["?"; count].join(", "),
+        _ => numbered(first, count),
     }
 }
 
