@@ -1,8 +1,9 @@
 //! The SQLite store: the embedded default. WAL journal, a busy timeout, foreign keys on, temporary
-//! storage in memory, and
-//! `BEGIN IMMEDIATE` for write transactions so read-then-write never fails on a lock upgrade.
+//! storage in memory, `BEGIN IMMEDIATE` for write transactions so read-then-write never fails on
+//! a lock upgrade, and WAL checkpoints on a background task rather than in a writer's commit.
 
 use std::str::FromStr;
+use std::sync::Arc;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Sqlite, SqlitePool};
@@ -11,7 +12,12 @@ use sqlx::{Sqlite, SqlitePool};
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Stops the background checkpointer when the last clone of the store is dropped.
+    _checkpointer: Arc<tokio_util::sync::DropGuard>,
 }
+
+/// How often the background task checkpoints the WAL.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Page cache per connection, in KiB: 32 MiB (SQLite's default is 2 MiB), taken as used.
 pub(crate) const CACHE_KIB: i64 = 32_768;
@@ -34,14 +40,19 @@ impl SqliteStore {
             .pragma("cache_size", format!("-{CACHE_KIB}"))
             // Statement journals and temporary tables in memory, not in temporary files.
             .pragma("temp_store", "memory")
-            // Checkpoint the WAL at about 40 MiB instead of 4 MiB: a page of records rewrites the
-            // same index pages, and fewer checkpoints copy each of them fewer times.
+            // A commit checkpoints the WAL itself only past about 40 MiB (the default is 4 MiB):
+            // the background task below normally does it first, off the writer's path.
             .pragma("wal_autocheckpoint", "10000");
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
             .connect_with(options)
             .await?;
-        Ok(Self { pool })
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(checkpoint_in_background(pool.clone(), stop.clone()));
+        Ok(Self {
+            pool,
+            _checkpointer: Arc::new(stop.drop_guard()),
+        })
     }
 
     pub fn pool(&self) -> &SqlitePool {
@@ -50,6 +61,30 @@ impl SqliteStore {
 
     fn migrator(&self) -> sqlx::migrate::Migrator {
         sqlx::migrate!("./migrations/sqlite")
+    }
+}
+
+/// Copies committed WAL pages into the database file every [`CHECKPOINT_EVERY`] with a passive
+/// checkpoint (it waits for no one and blocks no writer), so the commits of a busy writer seldom
+/// reach `wal_autocheckpoint` and do the copying and syncing themselves. Skips a round when
+/// every connection is busy.
+async fn checkpoint_in_background(pool: SqlitePool, stop: tokio_util::sync::CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(CHECKPOINT_EVERY) => {}
+        }
+        if pool.is_closed() {
+            return;
+        }
+        if let Some(mut conn) = pool.try_acquire() {
+            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                .execute(&mut *conn)
+                .await
+            {
+                tracing::debug!(error = %crate::store::StoreError::from(e), "background WAL checkpoint failed");
+            }
+        }
     }
 }
 
