@@ -793,7 +793,7 @@ async fn walk(
     progress: &Progress,
     summary: &mut ResyncSummary,
 ) -> Result<Stopped, ResyncError> {
-    let pace = Pacer::new(options.allowed_rate);
+    let pace = Arc::new(Pacer::new(options.allowed_rate));
     let result = walk_paced(
         store, lister, options, stream, cursor, sink, stop, progress, summary, &pace,
     )
@@ -813,7 +813,7 @@ async fn walk_paced(
     stop: &CancellationToken,
     progress: &Progress,
     summary: &mut ResyncSummary,
-    pace: &Pacer,
+    pace: &Arc<Pacer>,
 ) -> Result<Stopped, ResyncError> {
     let kind = lister.kind();
     let fetch_err = |source| ResyncError::Fetch {
@@ -844,11 +844,22 @@ async fn walk_paced(
             });
         }
         let prefetch = !page.complete && !stop.is_cancelled() && !budget_low();
+        // The next page is fetched and parsed on a task of its own, so on another core when
+        // there is one, while this one applies the page in hand.
+        let following = prefetch.then(|| {
+            let (lister, stop, pace) = (lister.clone(), stop.clone(), Arc::clone(pace));
+            let cursor = page.next.clone();
+            tokio::spawn(async move {
+                fetch_or_stop(&lister, stream, cursor.as_deref(), &stop, &pace).await
+            })
+        });
         let following = async {
-            if prefetch {
-                Some(fetch_or_stop(lister, stream, page.next.as_deref(), stop, pace).await)
-            } else {
-                None
+            match following {
+                Some(task) => Some(
+                    task.await
+                        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())),
+                ),
+                None => None,
             }
         };
         let (applied, following) = tokio::join!(
