@@ -231,12 +231,12 @@ impl Loaded {
         &self.prepared[i as usize].key
     }
 
-    /// The records of a cluster, decoded.
-    fn members(&self, members: &[u32]) -> Vec<SourceRecord> {
+    /// The records of a cluster, decoded, with their phone choices.
+    fn members(&self, members: &[u32]) -> (Vec<SourceRecord>, Vec<Option<identity::RecordPhone>>) {
         members
             .iter()
-            .map(|&m| self.records.get(m as usize))
-            .collect()
+            .map(|&m| self.records.get_with_phone(m as usize))
+            .unzip()
     }
 
     /// The records with key hash `h`.
@@ -490,10 +490,11 @@ impl Rows {
         match self.cluster(&old.patient_id) {
             Some(c) => {
                 seen[c as usize] = true;
-                let members = loaded.members(&self.members[c as usize]);
-                let golden = identity::golden_record(
+                let (members, phones) = loaded.members(&self.members[c as usize]);
+                let golden = identity::golden_record_with_phones(
                     &old.patient_id,
                     &members,
+                    &phones,
                     &self.survivorship,
                     self.now,
                 );
@@ -528,8 +529,14 @@ impl Rows {
     /// The row of a cluster no stored row stands for.
     fn new_row(&self, c: usize, counts: &mut RowCounts) -> Option<(PatientRow, Vec<FieldSource>)> {
         let patient_id = &self.loaded.patients.ids[self.names[c] as usize];
-        let members = self.loaded.members(&self.members[c]);
-        let golden = identity::golden_record(patient_id, &members, &self.survivorship, self.now);
+        let (members, phones) = self.loaded.members(&self.members[c]);
+        let golden = identity::golden_record_with_phones(
+            patient_id,
+            &members,
+            &phones,
+            &self.survivorship,
+            self.now,
+        );
         let row = next_row(golden.row, None, self.now)?;
         counts.created += 1;
         Some((row, golden.provenance))
@@ -649,8 +656,10 @@ async fn load(
                         let computed = part
                             .iter()
                             .map(|r| {
-                                packed.push(r);
                                 let prepared = identity::Prepared::new(r, &settings.matching);
+                                // Right after preparing: the phones just parsed are remembered.
+                                let phone = identity::record_phone(&r.fields.phones);
+                                packed.push(r, phone.as_ref());
                                 let keys = prepared.record_blocking_keys();
                                 let hashes: Vec<u64> = keys.iter().map(|k| hash_key(k)).collect();
                                 let mut fp = Fingerprint::default();
