@@ -140,12 +140,35 @@ struct Current {
     manual: bool,
 }
 
-/// The automatic decision for a record.
-#[derive(Clone)]
+/// The automatic decision for a record, its rule interned in [`Rules`].
+#[derive(Clone, Copy)]
 struct Decided {
     method: LinkMethod,
-    rule: Option<String>,
+    rule: u32,
     score: Option<f64>,
+}
+
+/// Rule names of decisions, each kept once (there are a handful).
+#[derive(Default)]
+struct Rules {
+    names: Vec<String>,
+}
+
+impl Rules {
+    fn intern(&mut self, rule: Option<&str>) -> u32 {
+        let Some(rule) = rule else { return NONE };
+        match self.names.iter().position(|n| n == rule) {
+            Some(i) => i as u32,
+            None => {
+                self.names.push(rule.to_string());
+                self.names.len() as u32 - 1
+            }
+        }
+    }
+
+    fn get(&self, i: u32) -> Option<&str> {
+        self.names.get(i as usize).map(String::as_str)
+    }
 }
 
 struct Cluster {
@@ -277,7 +300,7 @@ pub async fn rebuild(
         "Rebuild loaded the source records."
     );
 
-    let (cluster_of, clusters, decided, proposals) = cluster(&loaded, settings, options);
+    let (cluster_of, clusters, decided, rules, proposals) = cluster(&loaded, settings, options);
     let mut patients = loaded.patients;
     let names = name_clusters(&clusters, &loaded.current, &mut patients);
     let loaded = Loaded { patients, ..loaded };
@@ -302,9 +325,9 @@ pub async fn rebuild(
                 }
             }
             previous => {
-                let d = decided[i].clone().unwrap_or(Decided {
+                let d = decided[i].unwrap_or(Decided {
                     method: LinkMethod::New,
-                    rule: None,
+                    rule: NONE,
                     score: None,
                 });
                 let patient_id = loaded.patients.ids[target as usize].clone();
@@ -315,7 +338,7 @@ pub async fn rebuild(
                 } else {
                     report.links_created += 1;
                 }
-                let rule = d.rule.clone().or_else(|| Some("rebuild".into()));
+                let rule = Some(rules.get(d.rule).unwrap_or("rebuild").to_string());
                 let link = Link {
                     key: loaded.key(i as u32).clone(),
                     patient_id: patient_id.clone(),
@@ -342,6 +365,11 @@ pub async fn rebuild(
     }
 
     writer.flush().await?;
+    drop(decided);
+    info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "Rebuild wrote the links."
+    );
 
     // Review proposals: idempotent inserts, skipped for pairs already reviewed.
     for (record, cluster, score) in &proposals {
@@ -365,7 +393,7 @@ pub async fn rebuild(
     // Canonical rows: every stored row is compared with its recomputation, on a thread of its
     // own while this task reads stored rows and writes the results.
     let loaded = Arc::new(loaded);
-    let rows = Rows::new(&loaded, &clusters, &names, &cluster_of, settings, now);
+    let rows = Rows::new(&loaded, clusters, &names, &cluster_of, settings, now);
     let rows = write_rows(store, &mut writer, Arc::new(rows), options.page_size).await?;
     report.patients_updated = rows.updated;
     report.patients_created = rows.created;
@@ -436,7 +464,7 @@ type RowBatch = Vec<(PatientRow, Vec<FieldSource>)>;
 impl Rows {
     fn new(
         loaded: &Arc<Loaded>,
-        clusters: &[Cluster],
+        clusters: Vec<Cluster>,
         names: &[u32],
         cluster_of: &[u32],
         settings: &IdentitySettings,
@@ -461,7 +489,7 @@ impl Rows {
         }
         Rows {
             loaded: loaded.clone(),
-            members: clusters.iter().map(|c| c.members.clone()).collect(),
+            members: clusters.into_iter().map(|c| c.members).collect(),
             names: names.to_vec(),
             cluster_of_patient,
             went_to,
@@ -756,18 +784,20 @@ type Clustering = (
     Vec<u32>,
     Vec<Cluster>,
     Vec<Option<Decided>>,
+    Rules,
     Vec<(u32, u32, f64)>,
 );
 
 /// Assigns every record to a cluster, in key order. Returns the cluster of each record, the
-/// clusters, each record's automatic decision and the review proposals `(record, cluster,
-/// score)`.
+/// clusters, each record's automatic decision (with the rule names it refers to) and the review
+/// proposals `(record, cluster, score)`.
 fn cluster(loaded: &Loaded, settings: &IdentitySettings, options: &RebuildOptions) -> Clustering {
     let n = loaded.records.len();
     let mut cluster_of = vec![NONE; n];
     let mut clusters: Vec<Cluster> = Vec::new();
     let mut seeds: HashMap<u32, u32> = HashMap::new();
     let mut decided: Vec<Option<Decided>> = vec![None; n];
+    let mut rules = Rules::default();
     let mut proposals = Vec::new();
 
     let assign = |cluster_of: &mut Vec<u32>, clusters: &mut Vec<Cluster>, i: u32, c: u32| {
@@ -814,6 +844,7 @@ fn cluster(loaded: &Loaded, settings: &IdentitySettings, options: &RebuildOption
             &mut cluster_of,
             &mut clusters,
             &mut decided,
+            &mut rules,
             &mut proposals,
         );
     }
@@ -833,7 +864,7 @@ fn cluster(loaded: &Loaded, settings: &IdentitySettings, options: &RebuildOption
             assign(&mut cluster_of, &mut clusters, i, c);
             decided[i as usize] = Some(Decided {
                 method: LinkMethod::SourceMerge,
-                rule: Some("source_merged".into()),
+                rule: rules.intern(Some("source_merged")),
                 score: None,
             });
         } else {
@@ -846,11 +877,12 @@ fn cluster(loaded: &Loaded, settings: &IdentitySettings, options: &RebuildOption
                 &mut cluster_of,
                 &mut clusters,
                 &mut decided,
+                &mut rules,
                 &mut proposals,
             );
         }
     }
-    (cluster_of, clusters, decided, proposals)
+    (cluster_of, clusters, decided, rules, proposals)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -863,6 +895,7 @@ fn decide_one(
     cluster_of: &mut [u32],
     clusters: &mut Vec<Cluster>,
     decided: &mut [Option<Decided>],
+    rules: &mut Rules,
     proposals: &mut Vec<(u32, u32, f64)>,
 ) {
     let mut reached: BTreeSet<u32> = BTreeSet::new();
@@ -926,7 +959,7 @@ fn decide_one(
             } => {
                 decided[i as usize] = Some(Decided {
                     method: *method,
-                    rule: rule.clone(),
+                    rule: rules.intern(rule.as_deref()),
                     score: *score,
                 });
                 Some(label(patient_id))
