@@ -521,7 +521,8 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&PatientId>,
         limit: u32,
     ) -> StoreResult<Vec<PatientRow>>;
-    /// One page of blocking keys in `(source, source_id, key)` order, strictly after `after`.
+    /// One page of blocking keys in `(key, source, source_id)` order (the primary key's),
+    /// strictly after `after`.
     async fn load_match_keys_page(
         &self,
         after: Option<&(SourceKey, String)>,

@@ -718,9 +718,10 @@ macro_rules! impl_store {
                 limit: u32,
             ) -> StoreResult<Vec<(SourceKey, String)>> {
                 let (source, id) = key_lower_bound(after.map(|(record, _)| record));
+                // In primary key order: the index alone answers, with no sort.
                 let rows = sqlx::query(
-                    "SELECT source, source_id, key FROM match_keys WHERE (source, source_id, key) > ($1, $2, $3) \
-                     ORDER BY source, source_id, key LIMIT $4",
+                    "SELECT source, source_id, key FROM match_keys WHERE (key, source, source_id) > ($3, $1, $2) \
+                     ORDER BY key, source, source_id LIMIT $4",
                 )
                 .bind(source)
                 .bind(id)
