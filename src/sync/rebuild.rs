@@ -45,6 +45,8 @@ use crate::store::{
 use crate::sync::apply::{next_row, IdentitySettings};
 
 mod compact;
+#[cfg(test)]
+mod tests;
 
 /// How a rebuild runs.
 #[derive(Debug, Clone)]
@@ -60,6 +62,10 @@ pub struct RebuildOptions {
     pub max_key_fanout: usize,
     /// Page cache of the writing connection, in MiB (SQLite).
     pub cache_mib: u32,
+    /// When at least this many records have no blocking keys stored (a rebuild from bare
+    /// records), their keys are written at once in key order (see
+    /// [`StoreTx::match_keys_bulk_load`](crate::store::StoreTx::match_keys_bulk_load)).
+    pub bulk_keys_min: usize,
 }
 
 impl Default for RebuildOptions {
@@ -70,6 +76,7 @@ impl Default for RebuildOptions {
             batch_writes: 5_000,
             max_key_fanout: 5_000,
             cache_mib: 128,
+            bulk_keys_min: 10_000,
         }
     }
 }
@@ -392,13 +399,17 @@ pub async fn rebuild(
 
     // Canonical rows: every stored row is compared with its recomputation, on a thread of its
     // own while this task reads stored rows and writes the results.
-    let loaded = Arc::new(loaded);
+    let mut loaded = Arc::new(loaded);
     let rows = Rows::new(&loaded, clusters, &names, &cluster_of, settings, now);
     let rows = write_rows(store, &mut writer, Arc::new(rows), options.page_size).await?;
     report.patients_updated = rows.updated;
     report.patients_created = rows.created;
     report.patients_retired = rows.retired;
     writer.flush().await?;
+    info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "Rebuild wrote the canonical rows."
+    );
 
     // Blocking keys: rewritten only for records whose key set changed.
     let mut stored: Vec<Option<Fingerprint>> = vec![None; loaded.records.len()];
@@ -417,11 +428,42 @@ pub async fn rebuild(
             }
         }
     }
-    for (i, prepared) in loaded.prepared.iter().enumerate() {
-        if stored[i] != Some(loaded.fingerprints[i]) {
-            report.match_keys_rewritten += 1;
-            let keys = prepared.record_blocking_keys();
-            writer.keys(prepared.key.clone(), keys).await?;
+    info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "Rebuild read the stored blocking keys."
+    );
+    let rewrite: Vec<u32> = (0..loaded.prepared.len() as u32)
+        .filter(|&i| stored[i as usize] != Some(loaded.fingerprints[i as usize]))
+        .collect();
+    report.match_keys_rewritten = rewrite.len() as u64;
+    let fresh = !options.dry_run
+        && rewrite.len() >= options.bulk_keys_min
+        && rewrite.iter().all(|&i| stored[i as usize].is_none());
+    drop(stored);
+    // A fresh start (no record has keys stored, many to write): every key goes in at once, in
+    // key order, so the index B-trees fill in order instead of at random places.
+    let sorted = match fresh {
+        true => {
+            // What the keys need is left: free the rest first.
+            let mut rest = Arc::try_unwrap(loaded)
+                .unwrap_or_else(|_| panic!("the row thread is done with the records"));
+            rest.records = compact::Records::default();
+            rest.index = Vec::new();
+            rest.key_hashes = Vec::new();
+            rest.buckets = Vec::new();
+            loaded = Arc::new(rest);
+            SortedKeys::new(&loaded.prepared, &rewrite)
+        }
+        false => None,
+    };
+    match sorted {
+        Some(sorted) => writer.fresh_keys(&sorted, &loaded.prepared).await?,
+        None => {
+            for &i in &rewrite {
+                let prepared = &loaded.prepared[i as usize];
+                let keys = prepared.record_blocking_keys();
+                writer.keys(prepared.key.clone(), keys).await?;
+            }
         }
     }
     writer.finish().await?;
@@ -436,6 +478,45 @@ pub async fn rebuild(
         "Rebuild finished."
     );
     Ok(report)
+}
+
+/// The blocking keys of many records, in key order: each key once in `text` (a 4-byte length,
+/// then the key), `rows` of `(where in text, record)` sorted by key then record.
+struct SortedKeys {
+    text: Vec<u8>,
+    rows: Vec<(u32, u32)>,
+}
+
+impl SortedKeys {
+    /// `None` when the keys would not fit 32-bit offsets (then they are written record by
+    /// record).
+    fn new(prepared: &[identity::Prepared], records: &[u32]) -> Option<Self> {
+        let mut text = Vec::new();
+        let mut rows = Vec::new();
+        for &i in records {
+            for key in prepared[i as usize].record_blocking_keys() {
+                let at = u32::try_from(text.len()).ok()?;
+                let len = u32::try_from(key.len()).ok()?;
+                text.extend_from_slice(&len.to_le_bytes());
+                text.extend_from_slice(key.as_bytes());
+                rows.push((at, i));
+            }
+        }
+        u32::try_from(text.len()).ok()?;
+        let mut sorted = SortedKeys { text, rows };
+        let mut rows = std::mem::take(&mut sorted.rows);
+        // Bytewise, as SQLite compares text; the records in key order (`prepared` order is
+        // `(source, source_id)` order) break ties.
+        rows.sort_unstable_by(|a, b| sorted.key(a.0).cmp(sorted.key(b.0)).then(a.1.cmp(&b.1)));
+        sorted.rows = rows;
+        Some(sorted)
+    }
+
+    fn key(&self, at: u32) -> &str {
+        let at = at as usize;
+        let len = u32::from_le_bytes(self.text[at..at + 4].try_into().expect("four bytes"));
+        std::str::from_utf8(&self.text[at + 4..at + 4 + len as usize]).expect("a key")
+    }
 }
 
 /// What the canonical-row phase needs, shared with its computing thread.
@@ -737,6 +818,10 @@ async fn load(
     }
     buckets.push(index.len() as u32);
 
+    info!(
+        records = prepared.len(),
+        "Rebuild read and prepared the source records."
+    );
     let mut loaded = Loaded {
         current: vec![None; prepared.len()],
         records,
@@ -1156,6 +1241,36 @@ impl<'a> Writer<'a> {
             }
         }
         self.wrote_n(n).await
+    }
+
+    /// Inserts the keys of records with none stored in one transaction, in key order (see
+    /// [`StoreTx::match_keys_bulk_load`]).
+    async fn fresh_keys(
+        &mut self,
+        sorted: &SortedKeys,
+        prepared: &[identity::Prepared],
+    ) -> StoreResult<()> {
+        self.flush().await?;
+        let Some(tx) = self.tx().await? else {
+            return Ok(());
+        };
+        tx.match_keys_bulk_load(true).await?;
+        // A few statements' worth at a time.
+        let mut rows: Vec<(&str, &SourceKey)> = Vec::new();
+        for part in sorted.rows.chunks(20_000) {
+            rows.clear();
+            rows.extend(
+                part.iter()
+                    .map(|&(at, i)| (sorted.key(at), &prepared[i as usize].key)),
+            );
+            tx.insert_match_keys(&rows).await?;
+        }
+        tx.match_keys_bulk_load(false).await?;
+        if let Some(tx) = self.tx.take() {
+            commit(tx).await?;
+        }
+        self.pending = 0;
+        Ok(())
     }
 
     async fn finish(mut self) -> StoreResult<()> {
