@@ -201,12 +201,42 @@ impl Patients {
         self.index.insert(id.clone(), i);
         i
     }
+
+    /// A new id, never looked up by value during this rebuild (no stored row or link has
+    /// it), so kept without an index entry.
+    fn push_new(&mut self, id: PatientId) -> u32 {
+        self.ids.push(id);
+        self.ids.len() as u32 - 1
+    }
 }
 
 fn hash_key(key: &str) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     key.hash(&mut h);
     h.finish()
+}
+
+fn hash_source_key(key: &SourceKey) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
+}
+
+/// Record keys by hash: one probe instead of a binary search over a million keys. Exact: a
+/// hit is checked against the key, and keys sharing a hash go to the binary search.
+struct KeyLookup {
+    /// Hash of a record key to the record, or [`NONE`] when several records share the hash.
+    by_hash: HashMap<u64, u32>,
+}
+
+impl KeyLookup {
+    fn find(&self, loaded: &Loaded, key: &SourceKey) -> Option<u32> {
+        match self.by_hash.get(&hash_source_key(key)) {
+            None => None,
+            Some(&NONE) => loaded.find(key),
+            Some(&i) => (loaded.key(i) == key).then_some(i),
+        }
+    }
 }
 
 /// Order-independent fingerprint of a key set, accumulated one key hash at a time (the two
@@ -255,6 +285,18 @@ impl Loaded {
             .binary_search_by(|&i| self.prepared[i as usize].key.cmp(key))
             .ok()
             .map(|pos| self.by_key[pos])
+    }
+
+    /// A hash table of the record keys, for scans that look up every stored row.
+    fn lookup(&self) -> KeyLookup {
+        let mut by_hash: HashMap<u64, u32> = HashMap::with_capacity(self.prepared.len());
+        for (i, p) in self.prepared.iter().enumerate() {
+            by_hash
+                .entry(hash_source_key(&p.key))
+                .and_modify(|j| *j = NONE)
+                .or_insert(i as u32);
+        }
+        KeyLookup { by_hash }
     }
 
     fn key(&self, i: u32) -> &SourceKey {
@@ -414,20 +456,23 @@ pub async fn rebuild(
     // Blocking keys: rewritten only for records whose key set changed.
     let mut stored: Vec<Option<Fingerprint>> = vec![None; loaded.records.len()];
     let mut after: Option<(SourceKey, String)> = None;
+    let mut lookup: Option<KeyLookup> = None;
     loop {
         let page = store
             .load_match_keys_page(after.as_ref(), options.page_size)
             .await?;
         let Some(last) = page.last() else { break };
         after = Some(last.clone());
+        let lookup = lookup.get_or_insert_with(|| loaded.lookup());
         for (key, k) in &page {
-            if let Some(i) = loaded.find(key) {
+            if let Some(i) = lookup.find(&loaded, key) {
                 stored[i as usize]
                     .get_or_insert_with(Fingerprint::default)
                     .add(hash_key(k));
             }
         }
     }
+    drop(lookup);
     info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "Rebuild read the stored blocking keys."
@@ -837,14 +882,16 @@ async fn load(
     };
 
     let mut after: Option<SourceKey> = None;
+    let mut lookup: Option<KeyLookup> = None;
     loop {
         let page = store
             .load_links_page(after.as_ref(), options.page_size)
             .await?;
         let Some(last) = page.last() else { break };
         after = Some(last.key.clone());
+        let lookup = lookup.get_or_insert_with(|| loaded.lookup());
         for link in page {
-            if let Some(i) = loaded.find(&link.key) {
+            if let Some(i) = lookup.find(&loaded, &link.key) {
                 let patient = loaded.patients.intern(&link.patient_id);
                 loaded.current[i as usize] = Some(Current {
                     patient,
@@ -1128,7 +1175,7 @@ fn name_clusters(
         }
     }
     for name in names.iter_mut().filter(|n| **n == NONE) {
-        *name = patients.intern(&PatientId::generate());
+        *name = patients.push_new(PatientId::generate());
     }
     names
 }
