@@ -6,8 +6,9 @@
 //!
 //! 1. **Load** every source record in key order `(source, source_id)`, in pages, without its raw
 //!    payload (matching and survivorship read normalized fields only). Each page is prepared
-//!    for matching on every core (`identity::Prepared`: normalized profile and trusted ids),
-//!    packed for survivorship (module `compact`) and dropped. Blocking keys, computed from the
+//!    for matching on every core (`identity::Prepared`: normalized profile, packed into one
+//!    string, and trusted ids), packed for survivorship with its phone choice (module
+//!    `compact`; phones are parsed once) and dropped. Blocking keys, computed from the
 //!    prepared records, are kept as 64-bit hashes in one sorted array `(hash, record)` with a
 //!    bucket table; a hash collision only adds a candidate that `decide` then turns down.
 //!    Current links and rejected pairs are read in pages too.
@@ -24,7 +25,10 @@
 //!    proposals (idempotent inserts), canonical rows whose values changed (compared like
 //!    `refresh_patient`, so an unchanged row gets no new version; computed on a thread of their
 //!    own while this task reads and writes), rows left without records (`merged` into where
-//!    their records went, else `deleted`), and blocking keys whose set changed.
+//!    their records went, else `deleted`), and blocking keys whose set changed. When none of
+//!    the records to rewrite has keys stored (a rebuild from bare records), all their keys are
+//!    computed, sorted and inserted in key order in one transaction
+//!    ([`StoreTx::match_keys_bulk_load`]).
 //!
 //! Run it with the workers stopped: it reads a snapshot and writes its result in batches.
 
@@ -64,7 +68,7 @@ pub struct RebuildOptions {
     pub cache_mib: u32,
     /// When at least this many records have no blocking keys stored (a rebuild from bare
     /// records), their keys are written at once in key order (see
-    /// [`StoreTx::match_keys_bulk_load`](crate::store::StoreTx::match_keys_bulk_load)).
+    /// [`StoreTx::match_keys_bulk_load`]).
     pub bulk_keys_min: usize,
 }
 

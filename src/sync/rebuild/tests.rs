@@ -66,7 +66,10 @@ async fn all_keys(store: &SqliteStore) -> Vec<(SourceKey, String)> {
     let mut out = Vec::new();
     let mut after = None;
     loop {
-        let page = store.load_match_keys_page(after.as_ref(), 50).await.unwrap();
+        let page = store
+            .load_match_keys_page(after.as_ref(), 50)
+            .await
+            .unwrap();
         let Some(last) = page.last() else { break };
         after = Some(last.clone());
         out.extend(page);
@@ -118,8 +121,16 @@ async fn bulk_key_load_writes_what_record_by_record_writes() {
     let first_b = rebuild(&b, &settings, &bulk, now).await.unwrap();
     assert_eq!(first_a.match_keys_rewritten, 160);
     assert_eq!(
-        (first_a.patients, first_a.links_created, first_a.match_keys_rewritten),
-        (first_b.patients, first_b.links_created, first_b.match_keys_rewritten)
+        (
+            first_a.patients,
+            first_a.links_created,
+            first_a.match_keys_rewritten
+        ),
+        (
+            first_b.patients,
+            first_b.links_created,
+            first_b.match_keys_rewritten
+        )
     );
     assert!(first_b.patients < 160, "some records matched: {first_b:?}");
 
@@ -127,7 +138,11 @@ async fn bulk_key_load_writes_what_record_by_record_writes() {
     assert!(keys.len() > 160 * 4, "{}", keys.len());
     assert_eq!(keys, all_keys(&b).await);
     assert_eq!(links(&a).await, links(&b).await);
-    assert_eq!(indexes(&b).await, indexes_before, "the record index is back");
+    assert_eq!(
+        indexes(&b).await,
+        indexes_before,
+        "the record index is back"
+    );
 
     // Nothing left to change, whichever way the keys went in.
     for store in [&a, &b] {
