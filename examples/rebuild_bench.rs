@@ -3,7 +3,8 @@
 //! (every link and row is new) and again (nothing to change). Prints the figures and the machine:
 //! wall time and resident memory per phase (load, cluster, write), the memory sampled every 20 ms,
 //! and the size of the WAL after each. With `REBUILD_BENCH_CHECKPOINT` set, the WAL is
-//! checkpointed and truncated between the two rebuilds.
+//! checkpointed and truncated between the two rebuilds; `REBUILD_BENCH_CACHE_MIB` sets the
+//! writing connection's page cache (`RebuildOptions::cache_mib`).
 //!
 //! `cargo run --release --example rebuild_bench -- 1000000`
 
@@ -308,7 +309,13 @@ async fn main() -> anyhow::Result<()> {
     let fill = started.elapsed();
 
     let settings = IdentitySettings::default();
-    let options = RebuildOptions::default();
+    let mut options = RebuildOptions::default();
+    if let Some(mib) = std::env::var("REBUILD_BENCH_CACHE_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        options.cache_mib = mib;
+    }
     let rss_before = status_mib("VmRSS:");
     let t = Instant::now();
     let sampler = RssSampler::start();
