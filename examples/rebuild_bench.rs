@@ -1,7 +1,10 @@
 //! Rebuild benchmark: fills a fresh SQLite file with N synthetic source records (people spread
 //! over the three systems, about 1.5 records each), then runs `rebuild` from the bare records
 //! (every link and row is new) and again (nothing to change). Prints the figures and the machine:
-//! wall time and resident memory per phase (load, cluster, write), the memory sampled every 20 ms.
+//! wall time and resident memory per phase (load, cluster, write), the memory sampled every 20 ms,
+//! and the size of the WAL after each. With `REBUILD_BENCH_CHECKPOINT` set, the WAL is
+//! checkpointed and truncated between the two rebuilds; `REBUILD_BENCH_CACHE_MIB` sets the
+//! writing connection's page cache (`RebuildOptions::cache_mib`).
 //!
 //! `cargo run --release --example rebuild_bench -- 1000000`
 
@@ -291,7 +294,13 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let dir = tempfile::tempdir()?;
-    let url = format!("sqlite:{}", dir.path().join("bench.sqlite").display());
+    let file = dir.path().join("bench.sqlite");
+    let url = format!("sqlite:{}", file.display());
+    let wal_mib = || {
+        let mut wal = file.clone().into_os_string();
+        wal.push("-wal");
+        std::fs::metadata(wal).map_or(0.0, |m| m.len() as f64 / (1024.0 * 1024.0))
+    };
     let store = store::connect(&url, 4).await?;
     store.migrate().await?;
 
@@ -300,7 +309,13 @@ async fn main() -> anyhow::Result<()> {
     let fill = started.elapsed();
 
     let settings = IdentitySettings::default();
-    let options = RebuildOptions::default();
+    let mut options = RebuildOptions::default();
+    if let Some(mib) = std::env::var("REBUILD_BENCH_CACHE_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        options.cache_mib = mib;
+    }
     let rss_before = status_mib("VmRSS:");
     let t = Instant::now();
     let sampler = RssSampler::start();
@@ -308,6 +323,16 @@ async fn main() -> anyhow::Result<()> {
     let first_phases = phases(&first, &sampler.finish());
     let first_secs = t.elapsed().as_secs_f64();
     let rss_first = peak_rss_mib();
+    let wal_first = wal_mib();
+    if std::env::var_os("REBUILD_BENCH_CHECKPOINT").is_some() {
+        // Diagnosis: the second rebuild from a checkpointed, empty WAL.
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(&url).await?;
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&mut conn)
+            .await?;
+        conn.close().await?;
+    }
     let t = Instant::now();
     let sampler = RssSampler::start();
     let second = rebuild(store.as_ref(), &settings, &options, Utc::now()).await?;
@@ -325,11 +350,13 @@ async fn main() -> anyhow::Result<()> {
         first.patients, first.links_created
     );
     println!("  {first_phases}");
+    println!("  WAL after it: {wal_first:.0} MiB");
     println!(
         "rebuild again: {second_secs:.1}s ({} changes)",
         second.changes()
     );
     println!("  {second_phases}");
+    println!("  WAL after it: {:.0} MiB", wal_mib());
     println!(
         "peak RSS: {:.0} MiB (after first rebuild {rss_first:.0} MiB)",
         peak_rss_mib()

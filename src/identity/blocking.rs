@@ -45,11 +45,12 @@ pub fn blocking_keys(fields: &PersonFields, cfg: &MatchConfig) -> Vec<String> {
 /// The keys of a normalized profile and its trusted ids.
 pub(crate) fn profile_keys(profile: &Profile, ids: &[(String, String)]) -> BTreeSet<String> {
     let mut keys = BTreeSet::new();
+    let profile = profile.view();
 
-    if let Some(email) = &profile.email {
+    if let Some(email) = profile.email {
         keys.insert(format!("em:{email}"));
     }
-    for phone in &profile.phones {
+    for phone in profile.phones() {
         keys.insert(format!("ph:{phone}"));
     }
 
@@ -57,8 +58,8 @@ pub(crate) fn profile_keys(profile: &Profile, ids: &[(String, String)]) -> BTree
         .family
         .as_ref()
         .map(|f| {
-            let mut words = vec![f.joined.as_str()];
-            words.extend(f.tokens.iter().take(MAX_FAMILY_WORDS).map(String::as_str));
+            let mut words = vec![f.joined];
+            words.extend(f.tokens().take(MAX_FAMILY_WORDS));
             words.dedup();
             words
         })
@@ -66,8 +67,8 @@ pub(crate) fn profile_keys(profile: &Profile, ids: &[(String, String)]) -> BTree
     // Formal given names (via the nickname table) and initials, over legal and preferred names.
     let mut formal: BTreeSet<String> = BTreeSet::new();
     let mut initials: BTreeSet<char> = BTreeSet::new();
-    for given in &profile.given {
-        for name in [&given.first, &given.joined] {
+    for given in profile.given() {
+        for name in [given.first, given.joined] {
             if name.len() > 1 {
                 for head in nicknames::heads(name) {
                     initials.extend(head.chars().next());
@@ -88,9 +89,9 @@ pub(crate) fn profile_keys(profile: &Profile, ids: &[(String, String)]) -> BTree
         // The legal given name in the same family of keys, so a record with given and family
         // name swapped meets its match.
         if let Some(code) = profile
-            .given
+            .given()
             .first()
-            .and_then(|g| normalize::soundex(&g.joined))
+            .and_then(|g| normalize::soundex(g.joined))
         {
             keys.insert(format!("df:{date}|{code}"));
         }

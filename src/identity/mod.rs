@@ -29,4 +29,6 @@ pub use decide::{
 };
 pub use normalize::{normalize_email, phone_e164};
 pub use score::{explain, Contribution, MatchScore};
-pub use survivorship::{golden_record, Golden, SurvivorshipConfig};
+pub use survivorship::{
+    golden_record, golden_record_with_phones, record_phone, Golden, RecordPhone, SurvivorshipConfig,
+};

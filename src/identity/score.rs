@@ -17,7 +17,7 @@ use chrono::{Datelike, NaiveDate};
 
 use super::decide::MatchConfig;
 use super::nicknames;
-use super::normalize::{self, AddressKey, FamilyName, GivenName};
+use super::normalize::{self, GivenName};
 use crate::model::PersonFields;
 
 /// An `(m, u)` pair: probability of the level among true matches and among non-matches.
@@ -174,17 +174,143 @@ impl<'a> Context<'a> {
 }
 
 /// The matching view of one record: normalized, placeholders and shared contacts removed.
+///
+/// Packed, since a rebuild keeps one per record: every string sits in one allocation behind a
+/// header of lengths; [`Profile::view`] reads it back as borrowed strings.
 pub(crate) struct Profile {
-    /// Legal given name, then the preferred one when it differs.
-    pub given: Vec<GivenName>,
-    pub family: Option<FamilyName>,
+    /// The header (numbers written by [`put_num`]) and then the strings, in this order: given
+    /// names (count; per name the length of its first word and of the joined form), family
+    /// name (0 for none, else 1 + word count; joined length; per word its offset and length in
+    /// the joined form), email (0 or 1 + length), phones (count; lengths), address (0 for none,
+    /// else 1; then line1, unit, city and zip, each 0 or 1 + length).
+    data: Box<str>,
+    /// Where the strings start in `data`.
+    text_start: u32,
     pub birth_date: Option<NaiveDate>,
-    /// `male` or `female`; other values do not take part in matching.
+    /// 0 none, 1 male, 2 female.
+    sex: u8,
+}
+
+/// Appends `n` to a header in bytes below 0x80 (so the header is valid UTF-8): six bits a
+/// byte, low bits first, 0x40 set on every byte but the last.
+fn put_num(out: &mut String, mut n: usize) {
+    loop {
+        let low = (n & 0x3f) as u8;
+        n >>= 6;
+        if n == 0 {
+            out.push(char::from(low));
+            return;
+        }
+        out.push(char::from(low | 0x40));
+    }
+}
+
+/// Appends an optional string: 0 in the header for none, else 1 + its length.
+fn put_opt(head: &mut String, text: &mut String, v: Option<&str>) {
+    match v {
+        None => put_num(head, 0),
+        Some(v) => {
+            put_num(head, 1 + v.len());
+            text.push_str(v);
+        }
+    }
+}
+
+/// Reads numbers written by [`put_num`].
+#[derive(Clone, Copy)]
+struct Nums<'a>(&'a [u8]);
+
+impl Nums<'_> {
+    fn next(&mut self) -> usize {
+        let mut n = 0usize;
+        let mut shift = 0;
+        loop {
+            let (&b, rest) = self.0.split_first().expect("a complete profile header");
+            self.0 = rest;
+            n |= usize::from(b & 0x3f) << shift;
+            if b & 0x40 == 0 {
+                return n;
+            }
+            shift += 6;
+        }
+    }
+}
+
+/// A given name of a [`View`]: see [`normalize::GivenName`].
+#[derive(Clone, Copy)]
+pub(crate) struct GivenRef<'a> {
+    pub first: &'a str,
+    pub joined: &'a str,
+}
+
+/// A family name of a [`View`]: see [`normalize::FamilyName`].
+#[derive(Clone, Copy)]
+pub(crate) struct FamilyRef<'a> {
+    pub joined: &'a str,
+    /// Offset and length of each word in `joined`.
+    words: Nums<'a>,
+    count: usize,
+}
+
+impl<'a> FamilyRef<'a> {
+    /// Distinctive words, as in [`normalize::FamilyName::tokens`].
+    pub fn tokens(&self) -> impl Iterator<Item = &'a str> + Clone + 'a {
+        let joined = self.joined;
+        let mut words = self.words;
+        (0..self.count).map(move |_| {
+            let at = words.next();
+            let len = words.next();
+            &joined[at..at + len]
+        })
+    }
+}
+
+/// An address of a [`View`]: see [`normalize::AddressKey`].
+#[derive(Clone, Copy)]
+pub(crate) struct AddressRef<'a> {
+    pub line1: Option<&'a str>,
+    pub unit: Option<&'a str>,
+    pub city: Option<&'a str>,
+    pub zip: Option<&'a str>,
+}
+
+/// A [`Profile`] read back: its strings borrowed.
+#[derive(Clone, Copy)]
+pub(crate) struct View<'a> {
+    given: [GivenRef<'a>; 2],
+    given_count: usize,
+    pub family: Option<FamilyRef<'a>>,
+    pub birth_date: Option<NaiveDate>,
     pub sex: Option<&'static str>,
-    pub email: Option<String>,
+    pub email: Option<&'a str>,
+    /// The phones, one after another, with their lengths.
+    phone_text: &'a str,
+    phone_lens: Nums<'a>,
+    phone_count: usize,
+    pub address: Option<AddressRef<'a>>,
+}
+
+impl<'a> View<'a> {
+    /// Legal given name, then the preferred one when it differs.
+    pub fn given(&self) -> &[GivenRef<'a>] {
+        &self.given[..self.given_count]
+    }
+
     /// Sorted, deduplicated E.164 numbers.
-    pub phones: Vec<String>,
-    pub address: Option<AddressKey>,
+    pub fn phones(&self) -> impl Iterator<Item = &'a str> + Clone + 'a {
+        let text = self.phone_text;
+        let mut lens = self.phone_lens;
+        let mut at = 0;
+        (0..self.phone_count).map(move |_| {
+            let len = lens.next();
+            at += len;
+            &text[at - len..at]
+        })
+    }
+
+    pub fn has_phones(&self) -> bool {
+        self.phone_count > 0
+    }
 }
 
 impl Profile {
@@ -193,7 +319,7 @@ impl Profile {
             (Some(g), Some(fam)) => normalize::is_placeholder_full_name(g, fam),
             _ => false,
         };
-        let mut given = Vec::new();
+        let mut given: Vec<GivenName> = Vec::new();
         let mut family = None;
         if !placeholder_person {
             for name in [f.given_name.as_deref(), f.preferred_name.as_deref()]
@@ -225,15 +351,145 @@ impl Profile {
         phones.dedup();
         let address = Some(normalize::normalize_address(&f.address))
             .filter(|a| a.line1.is_some() || a.zip.is_some());
+        let email = f.email.as_deref().and_then(|e| ctx.email(e));
+
+        let mut head = String::new();
+        let mut text = String::new();
+        put_num(&mut head, given.len());
+        for g in &given {
+            debug_assert!(g.joined.starts_with(&g.first));
+            put_num(&mut head, g.first.len());
+            put_num(&mut head, g.joined.len());
+            text.push_str(&g.joined);
+        }
+        match &family {
+            None => put_num(&mut head, 0),
+            Some(fam) => {
+                put_num(&mut head, 1 + fam.tokens.len());
+                put_num(&mut head, fam.joined.len());
+                for t in &fam.tokens {
+                    // Every word is one of the words joined (or the whole when none is
+                    // distinctive).
+                    let at = fam
+                        .joined
+                        .find(t.as_str())
+                        .expect("a word of the joined name");
+                    put_num(&mut head, at);
+                    put_num(&mut head, t.len());
+                }
+                text.push_str(&fam.joined);
+            }
+        }
+        put_opt(&mut head, &mut text, email.as_deref());
+        put_num(&mut head, phones.len());
+        for p in &phones {
+            put_num(&mut head, p.len());
+            text.push_str(p);
+        }
+        match &address {
+            None => put_num(&mut head, 0),
+            Some(a) => {
+                put_num(&mut head, 1);
+                for v in [&a.line1, &a.unit, &a.city, &a.zip] {
+                    put_opt(&mut head, &mut text, v.as_deref());
+                }
+            }
+        }
+        let text_start = u32::try_from(head.len()).expect("a profile header under 4 GiB");
+        head.push_str(&text);
         Profile {
-            given,
-            family,
+            data: head.into_boxed_str(),
+            text_start,
             birth_date: f
                 .birth_date
                 .filter(|d| !normalize::is_placeholder_birth_date(*d)),
-            sex,
-            email: f.email.as_deref().and_then(|e| ctx.email(e)),
-            phones,
+            sex: match sex {
+                Some("male") => 1,
+                Some("female") => 2,
+                _ => 0,
+            },
+        }
+    }
+
+    /// The profile's fields, borrowed.
+    pub fn view(&self) -> View<'_> {
+        let start = self.text_start as usize;
+        let mut nums = Nums(&self.data.as_bytes()[..start]);
+        let text = &self.data[start..];
+        let mut at = 0usize;
+        let mut take = |len: usize| {
+            at += len;
+            &text[at - len..at]
+        };
+        let empty = GivenRef {
+            first: "",
+            joined: "",
+        };
+        let mut given = [empty; 2];
+        let given_count = nums.next();
+        for g in given.iter_mut().take(given_count) {
+            let first = nums.next();
+            let joined = take(nums.next());
+            *g = GivenRef {
+                first: &joined[..first],
+                joined,
+            };
+        }
+        let family = match nums.next() {
+            0 => None,
+            n => {
+                let joined_len = nums.next();
+                let words = nums;
+                for _ in 0..2 * (n - 1) {
+                    nums.next();
+                }
+                Some(FamilyRef {
+                    joined: take(joined_len),
+                    words,
+                    count: n - 1,
+                })
+            }
+        };
+        let email = match nums.next() {
+            0 => None,
+            n => Some(take(n - 1)),
+        };
+        let phone_count = nums.next();
+        let phone_lens = nums;
+        let mut phones_len = 0;
+        for _ in 0..phone_count {
+            phones_len += nums.next();
+        }
+        let phone_text = take(phones_len);
+        let address = match nums.next() {
+            0 => None,
+            _ => {
+                let mut opt = || match nums.next() {
+                    0 => None,
+                    n => Some(take(n - 1)),
+                };
+                Some(AddressRef {
+                    line1: opt(),
+                    unit: opt(),
+                    city: opt(),
+                    zip: opt(),
+                })
+            }
+        };
+        View {
+            given,
+            given_count,
+            family,
+            birth_date: self.birth_date,
+            sex: match self.sex {
+                1 => Some("male"),
+                2 => Some("female"),
+                _ => None,
+            },
+            email,
+            phone_text,
+            phone_lens,
+            phone_count,
             address,
         }
     }
@@ -258,11 +514,12 @@ pub(crate) struct Comparison {
 
 impl Comparison {
     pub fn new(a: &Profile, b: &Profile) -> Self {
+        let (a, b) = (&a.view(), &b.view());
         let zip_agrees = matches!(
-            (a.address.as_ref().and_then(|x| x.zip.as_ref()), b.address.as_ref().and_then(|x| x.zip.as_ref())),
+            (a.address.and_then(|x| x.zip), b.address.and_then(|x| x.zip)),
             (Some(x), Some(y)) if x == y
         );
-        let mut given = compare_given(&a.given, &b.given);
+        let mut given = compare_given(a.given(), b.given());
         let mut family = compare_family(a.family.as_ref(), b.family.as_ref());
         let names_swapped = given == NameLevel::Disagree
             && family == NameLevel::Disagree
@@ -278,15 +535,15 @@ impl Comparison {
             names_swapped,
             birth_date: compare_dates(a.birth_date, b.birth_date),
             sex: agreement(a.sex, b.sex),
-            email: agreement(a.email.as_deref(), b.email.as_deref()),
-            phone: if a.phones.is_empty() || b.phones.is_empty() {
+            email: agreement(a.email, b.email),
+            phone: if !a.has_phones() || !b.has_phones() {
                 Agreement::Missing
-            } else if a.phones.iter().any(|p| b.phones.contains(p)) {
+            } else if a.phones().any(|p| b.phones().any(|q| q == p)) {
                 Agreement::Agree
             } else {
                 Agreement::Disagree
             },
-            address: compare_addresses(a.address.as_ref(), b.address.as_ref()),
+            address: compare_addresses(a.address, b.address),
             zip_agrees,
         }
     }
@@ -458,10 +715,10 @@ pub(crate) const RULE_NAME_EMAIL_CONTACT: &str = "name_email_contact";
 pub(crate) const RULE_GIVEN_DOB_CONTACT: &str = "given_dob_contact";
 
 /// `a`'s given name (legal or preferred) written as `b`'s family name.
-fn names_cross(a: &Profile, b: &Profile) -> bool {
+fn names_cross(a: &View<'_>, b: &View<'_>) -> bool {
     b.family
         .as_ref()
-        .is_some_and(|f| a.given.iter().any(|g| g.joined == f.joined))
+        .is_some_and(|f| a.given().iter().any(|g| g.joined == f.joined))
 }
 
 fn agreement_weight(a: Agreement, agree: MU, disagree: MU) -> (&'static str, Option<MU>) {
@@ -481,7 +738,7 @@ fn agreement<T: PartialEq>(a: Option<T>, b: Option<T>) -> Agreement {
 }
 
 /// Best level over every pair of given-name forms (legal and preferred on both sides).
-fn compare_given(a: &[GivenName], b: &[GivenName]) -> NameLevel {
+fn compare_given(a: &[GivenRef<'_>], b: &[GivenRef<'_>]) -> NameLevel {
     let mut best = NameLevel::Missing;
     for x in a {
         for y in b {
@@ -491,7 +748,7 @@ fn compare_given(a: &[GivenName], b: &[GivenName]) -> NameLevel {
     best
 }
 
-fn given_pair(x: &GivenName, y: &GivenName) -> NameLevel {
+fn given_pair(x: &GivenRef<'_>, y: &GivenRef<'_>) -> NameLevel {
     if x.joined == y.joined {
         return NameLevel::Exact;
     }
@@ -506,7 +763,7 @@ fn given_pair(x: &GivenName, y: &GivenName) -> NameLevel {
             NameLevel::Disagree
         };
     }
-    if nicknames::are_aliases(&x.first, &y.first) || nicknames::are_aliases(&x.joined, &y.joined) {
+    if nicknames::are_aliases(x.first, y.first) || nicknames::are_aliases(x.joined, y.joined) {
         return NameLevel::Alias;
     }
     if (x.joined.len() == 1 || y.joined.len() == 1) && x.first[..1] == y.first[..1] {
@@ -518,7 +775,7 @@ fn given_pair(x: &GivenName, y: &GivenName) -> NameLevel {
             && strsim::jaro_winkler(p, q) >= GIVEN_FUZZY_JW
             && !gendered_variant(p, q)
     };
-    if fuzzy(&x.joined, &y.joined) || fuzzy(&x.first, &y.first) {
+    if fuzzy(x.joined, y.joined) || fuzzy(x.first, y.first) {
         return NameLevel::Fuzzy;
     }
     let similar = |p: &str, q: &str| {
@@ -527,7 +784,7 @@ fn given_pair(x: &GivenName, y: &GivenName) -> NameLevel {
             && (strsim::jaro_winkler(p, q) >= GIVEN_SIMILAR_JW || strsim::osa_distance(p, q) <= 1)
             && !gendered_variant(p, q)
     };
-    if similar(&x.joined, &y.joined) || similar(&x.first, &y.first) {
+    if similar(x.joined, y.joined) || similar(x.first, y.first) {
         return NameLevel::Similar;
     }
     NameLevel::Disagree
@@ -549,26 +806,25 @@ fn gendered_variant(a: &str, b: &str) -> bool {
     ta != tb && GENDERED_ENDINGS.contains(&ta) && GENDERED_ENDINGS.contains(&tb)
 }
 
-fn compare_family(a: Option<&FamilyName>, b: Option<&FamilyName>) -> NameLevel {
+fn compare_family(a: Option<&FamilyRef<'_>>, b: Option<&FamilyRef<'_>>) -> NameLevel {
     let (Some(a), Some(b)) = (a, b) else {
         return NameLevel::Missing;
     };
     if a.joined == b.joined {
         return NameLevel::Exact;
     }
-    if a.tokens.iter().any(|t| b.tokens.contains(t)) {
+    if a.tokens().any(|t| b.tokens().any(|u| u == t)) {
         return NameLevel::Token;
     }
     let close = |p: &str, q: &str| {
         strsim::jaro_winkler(p, q) >= FAMILY_FUZZY_JW
             || (p.len().min(q.len()) >= 4 && strsim::osa_distance(p, q) <= 1)
     };
-    let token_close = a.tokens.iter().any(|p| {
-        b.tokens
-            .iter()
+    let token_close = a.tokens().any(|p| {
+        b.tokens()
             .any(|q| p.len() >= 4 && q.len() >= 4 && close(p, q))
     });
-    if close(&a.joined, &b.joined) || token_close {
+    if close(a.joined, b.joined) || token_close {
         return NameLevel::Fuzzy;
     }
     NameLevel::Disagree
@@ -606,17 +862,17 @@ fn compare_dates(a: Option<NaiveDate>, b: Option<NaiveDate>) -> DateLevel {
     DateLevel::Disagree
 }
 
-fn compare_addresses(a: Option<&AddressKey>, b: Option<&AddressKey>) -> AddressLevel {
+fn compare_addresses(a: Option<AddressRef<'_>>, b: Option<AddressRef<'_>>) -> AddressLevel {
     let (Some(a), Some(b)) = (a, b) else {
         return AddressLevel::Missing;
     };
-    let zips = match (&a.zip, &b.zip) {
+    let zips = match (a.zip, b.zip) {
         (Some(x), Some(y)) => Some(x == y),
         _ => None,
     };
-    let same_city = matches!((&a.city, &b.city), (Some(x), Some(y)) if x == y);
-    let other_unit = matches!((&a.unit, &b.unit), (Some(x), Some(y)) if x != y);
-    match (&a.line1, &b.line1) {
+    let same_city = matches!((a.city, b.city), (Some(x), Some(y)) if x == y);
+    let other_unit = matches!((a.unit, b.unit), (Some(x), Some(y)) if x != y);
+    match (a.line1, b.line1) {
         (Some(x), Some(y)) => {
             if zips == Some(false) {
                 // The same street line in the same city under another ZIP is a mistyped ZIP
@@ -655,4 +911,111 @@ fn compare_addresses(a: Option<&AddressKey>, b: Option<&AddressKey>) -> AddressL
 pub fn explain(a: &PersonFields, b: &PersonFields, cfg: &MatchConfig) -> MatchScore {
     let ctx = Context::new(cfg);
     Comparison::new(&Profile::new(a, &ctx), &Profile::new(b, &ctx)).score()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Address;
+
+    /// The packed profile reads back exactly what the normalizers give.
+    #[test]
+    fn packed_profiles_read_back_the_normalized_fields() {
+        let cfg = MatchConfig::default();
+        let ctx = Context::new(&cfg);
+        let long = "Ab".repeat(70);
+        let cases = [
+            PersonFields::default(),
+            PersonFields {
+                given_name: Some("Dr. Mary Ann".into()),
+                preferred_name: Some("Molly".into()),
+                family_name: Some("de la Cruz-García Van Der Berg Jr.".into()),
+                birth_date: NaiveDate::from_ymd_opt(1980, 3, 5),
+                sex: Some("F".into()),
+                email: Some(" Zoë.O'Brien+x@Example.ORG ".into()),
+                phones: vec![
+                    "(415) 555-2671".into(),
+                    "+44 20 7946 0958".into(),
+                    "415.555.2671".into(),
+                    "555-0100".into(),
+                ],
+                address: Address {
+                    line1: Some("123 N. Main St., Apt. 4B".into()),
+                    city: Some("São Paulo".into()),
+                    postal_code: Some("62704-1234".into()),
+                    ..Address::default()
+                },
+                ..PersonFields::default()
+            },
+            PersonFields {
+                given_name: Some(long.clone()),
+                family_name: Some(format!("{long} {long} x")),
+                sex: Some("male".into()),
+                email: Some(format!("{long}@clinic.com")),
+                address: Address {
+                    postal_code: Some("K1A 0B6".into()),
+                    country: Some("CA".into()),
+                    ..Address::default()
+                },
+                ..PersonFields::default()
+            },
+        ];
+        for f in cases {
+            let p = Profile::new(&f, &ctx);
+            let v = p.view();
+            let mut given = Vec::new();
+            for name in [f.given_name.as_deref(), f.preferred_name.as_deref()]
+                .into_iter()
+                .flatten()
+            {
+                if let Some(g) = normalize::given_name(name) {
+                    if !given.contains(&g) {
+                        given.push(g);
+                    }
+                }
+            }
+            let read: Vec<(String, String)> = v
+                .given()
+                .iter()
+                .map(|g| (g.first.to_string(), g.joined.to_string()))
+                .collect();
+            let want: Vec<(String, String)> =
+                given.into_iter().map(|g| (g.first, g.joined)).collect();
+            assert_eq!(read, want);
+            let family = f.family_name.as_deref().and_then(normalize::family_name);
+            assert_eq!(
+                v.family
+                    .map(|x| (x.joined.to_string(), x.tokens().map(String::from).collect())),
+                family.map(|x| (x.joined, x.tokens)),
+            );
+            assert_eq!(
+                v.email.map(String::from),
+                f.email.as_deref().and_then(|e| ctx.email(e))
+            );
+            let mut phones: Vec<String> = f.phones.iter().filter_map(|p| ctx.phone(p)).collect();
+            phones.sort();
+            phones.dedup();
+            assert_eq!(v.phones().map(String::from).collect::<Vec<_>>(), phones);
+            assert_eq!(v.has_phones(), !phones.is_empty());
+            let address = Some(normalize::normalize_address(&f.address))
+                .filter(|a| a.line1.is_some() || a.zip.is_some());
+            assert_eq!(
+                v.address.map(|a| normalize::AddressKey {
+                    line1: a.line1.map(String::from),
+                    unit: a.unit.map(String::from),
+                    city: a.city.map(String::from),
+                    zip: a.zip.map(String::from),
+                }),
+                address
+            );
+            assert_eq!(v.birth_date, f.birth_date);
+            assert_eq!(
+                v.sex,
+                f.sex
+                    .as_deref()
+                    .map(normalize::normalize_sex)
+                    .filter(|s| matches!(*s, "male" | "female"))
+            );
+        }
+    }
 }

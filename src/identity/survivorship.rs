@@ -80,6 +80,34 @@ enum Quality {
     Real,
 }
 
+/// A record's candidate for the canonical phone: its first real phone (primary first), in
+/// E.164 when it parses, else as given; a placeholder only when it has no real one.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RecordPhone {
+    pub value: String,
+    /// Not a placeholder.
+    pub real: bool,
+}
+
+impl fmt::Debug for RecordPhone {
+    /// The number is PHI.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RecordPhone")
+            .field("real", &self.real)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The phone a record offers survivorship (see [`RecordPhone`]). Parsing phones is costly: a
+/// caller that recomputes many rows from the same records may compute this once per record and
+/// use [`golden_record_with_phones`].
+pub fn record_phone(phones: &[String]) -> Option<RecordPhone> {
+    best_phone(phones).map(|(quality, value)| RecordPhone {
+        value,
+        real: quality == Quality::Real,
+    })
+}
+
 /// Recomputes the canonical row of `patient_id` from its linked records.
 pub fn golden_record(
     patient_id: &PatientId,
@@ -87,9 +115,35 @@ pub fn golden_record(
     cfg: &SurvivorshipConfig,
     now: DateTime<Utc>,
 ) -> Golden {
-    let live: Vec<&SourceRecord> = records.iter().filter(|r| r.status.is_live()).collect();
-    let pool: Vec<&SourceRecord> = if live.is_empty() {
-        records.iter().collect()
+    let phones: Vec<Option<RecordPhone>> = records
+        .iter()
+        .map(|r| record_phone(&r.fields.phones))
+        .collect();
+    golden_record_with_phones(patient_id, records, &phones, cfg, now)
+}
+
+/// [`golden_record`] with each record's [`record_phone`] already computed (`phones[i]` for
+/// `records[i]`): the same row, without parsing a phone.
+pub fn golden_record_with_phones(
+    patient_id: &PatientId,
+    records: &[SourceRecord],
+    phones: &[Option<RecordPhone>],
+    cfg: &SurvivorshipConfig,
+    now: DateTime<Utc>,
+) -> Golden {
+    assert_eq!(records.len(), phones.len(), "one phone choice per record");
+    let live: Vec<Member<'_>> = records
+        .iter()
+        .zip(phones)
+        .filter(|(r, _)| r.status.is_live())
+        .map(|(record, phone)| Member { record, phone })
+        .collect();
+    let pool: Vec<Member<'_>> = if live.is_empty() {
+        records
+            .iter()
+            .zip(phones)
+            .map(|(record, phone)| Member { record, phone })
+            .collect()
     } else {
         live
     };
@@ -109,8 +163,12 @@ pub fn golden_record(
     };
     fill(&mut row, picker);
     for source in SourceKind::ALL {
-        let id = newest(pool.iter().copied().filter(|r| r.key.source == source))
-            .map(|r| r.key.id.to_string());
+        let id = newest(
+            pool.iter()
+                .map(|m| m.record)
+                .filter(|r| r.key.source == source),
+        )
+        .map(|r| r.key.id.to_string());
         match source {
             SourceKind::Healthie => row.healthie_id = id,
             SourceKind::Intakeq => row.intakeq_id = id,
@@ -154,7 +212,16 @@ fn fill(row: &mut PatientRow, mut p: Picker<'_, '_>) {
             None => (!raw.is_empty()).then(|| (Quality::Placeholder, raw.to_lowercase())),
         }
     });
-    row.phone = p.pick("phone", |r| best_phone(&r.fields.phones));
+    row.phone = p.pick_member("phone", |m| {
+        m.phone.as_ref().map(|p| {
+            let quality = if p.real {
+                Quality::Real
+            } else {
+                Quality::Placeholder
+            };
+            (quality, p.value.clone())
+        })
+    });
     if let Some(address) = p.pick("address", |r| {
         let a = &r.fields.address;
         if a.is_empty() {
@@ -184,9 +251,16 @@ fn fill(row: &mut PatientRow, mut p: Picker<'_, '_>) {
     }
 }
 
+/// A record taking part in survivorship, with its phone choice.
+#[derive(Clone, Copy)]
+struct Member<'r> {
+    record: &'r SourceRecord,
+    phone: &'r Option<RecordPhone>,
+}
+
 /// Chooses each field's value among the pool and records where it came from.
 struct Picker<'p, 'r> {
-    pool: &'p [&'r SourceRecord],
+    pool: &'p [Member<'r>],
     cfg: &'p SurvivorshipConfig,
     provenance: &'p mut Vec<FieldSource>,
 }
@@ -197,9 +271,18 @@ impl<'r> Picker<'_, 'r> {
         field: &str,
         value: impl Fn(&'r SourceRecord) -> Option<(Quality, T)>,
     ) -> Option<T> {
+        self.pick_member(field, |m| value(m.record))
+    }
+
+    fn pick_member<T>(
+        &mut self,
+        field: &str,
+        value: impl Fn(&Member<'r>) -> Option<(Quality, T)>,
+    ) -> Option<T> {
         let mut best: Option<(&SourceRecord, Quality, T)> = None;
-        for &record in self.pool {
-            let Some((quality, v)) = value(record) else {
+        for member in self.pool {
+            let record = member.record;
+            let Some((quality, v)) = value(member) else {
                 continue;
             };
             let better = match &best {

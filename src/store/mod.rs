@@ -521,7 +521,8 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&PatientId>,
         limit: u32,
     ) -> StoreResult<Vec<PatientRow>>;
-    /// One page of blocking keys in `(source, source_id, key)` order, strictly after `after`.
+    /// One page of blocking keys in `(key, source, source_id)` order (the primary key's),
+    /// strictly after `after`.
     async fn load_match_keys_page(
         &self,
         after: Option<&(SourceKey, String)>,
@@ -723,6 +724,14 @@ pub trait StoreTx: Send {
         &mut self,
         items: &[(SourceKey, Vec<String>)],
     ) -> StoreResult<()>;
+    /// Inserts blocking keys `(key, record)` for records that have none stored (plain inserts,
+    /// no delete). Pairs must be distinct.
+    async fn insert_match_keys(&mut self, rows: &[(&str, &SourceKey)]) -> StoreResult<()>;
+    /// Brackets a bulk load of blocking keys in key order (`start` true before the inserts,
+    /// false after), in one transaction: SQLite drops the `(source, source_id)` index of
+    /// `match_keys` and builds it again at the end, so neither index is filled at random
+    /// places; other backends do nothing.
+    async fn match_keys_bulk_load(&mut self, start: bool) -> StoreResult<()>;
     /// The ids among `ids` of `source` that have a stored record or a link.
     async fn known_source_ids(
         &mut self,

@@ -719,9 +719,10 @@ macro_rules! impl_store {
                 limit: u32,
             ) -> StoreResult<Vec<(SourceKey, String)>> {
                 let (source, id) = key_lower_bound(after.map(|(record, _)| record));
+                // In primary key order: the index alone answers, with no sort.
                 let rows = sqlx::query(
-                    "SELECT source, source_id, key FROM match_keys WHERE (source, source_id, key) > ($1, $2, $3) \
-                     ORDER BY source, source_id, key LIMIT $4",
+                    "SELECT source, source_id, key FROM match_keys WHERE (key, source, source_id) > ($3, $1, $2) \
+                     ORDER BY key, source, source_id LIMIT $4",
                 )
                 .bind(source)
                 .bind(id)
@@ -1619,6 +1620,34 @@ macro_rules! impl_store {
                         }
                         q.execute(&mut *self.tx).await?;
                     }
+                }
+                Ok(())
+            }
+
+            async fn insert_match_keys(&mut self, rows: &[(&str, &SourceKey)]) -> StoreResult<()> {
+                for part in rows.chunks(crate::store::sql::bulk_params($backend) / 3) {
+                    let sql = format!(
+                        "INSERT INTO match_keys (key, source, source_id) VALUES {}",
+                        crate::store::sql::bulk_placeholders($backend, part.len(), 3)
+                    );
+                    let mut q = sqlx::query(&sql);
+                    for (k, key) in part {
+                        q = q.bind(*k).bind(key.source.as_str()).bind(key.id.as_str());
+                    }
+                    q.execute(&mut *self.tx).await?;
+                }
+                Ok(())
+            }
+
+            async fn match_keys_bulk_load(&mut self, start: bool) -> StoreResult<()> {
+                if matches!($backend, Backend::Sqlite) {
+                    // The same definition as the migration's.
+                    let sql = if start {
+                        "DROP INDEX IF EXISTS match_keys_record"
+                    } else {
+                        "CREATE INDEX IF NOT EXISTS match_keys_record ON match_keys (source, source_id)"
+                    };
+                    sqlx::query(sql).execute(&mut *self.tx).await?;
                 }
                 Ok(())
             }

@@ -6,8 +6,9 @@
 //!
 //! 1. **Load** every source record in key order `(source, source_id)`, in pages, without its raw
 //!    payload (matching and survivorship read normalized fields only). Each page is prepared
-//!    for matching on every core (`identity::Prepared`: normalized profile and trusted ids),
-//!    packed for survivorship (module `compact`) and dropped. Blocking keys, computed from the
+//!    for matching on every core (`identity::Prepared`: normalized profile, packed into one
+//!    string, and trusted ids), packed for survivorship with its phone choice (module
+//!    `compact`; phones are parsed once) and dropped. Blocking keys, computed from the
 //!    prepared records, are kept as 64-bit hashes in one sorted array `(hash, record)` with a
 //!    bucket table; a hash collision only adds a candidate that `decide` then turns down.
 //!    Current links and rejected pairs are read in pages too.
@@ -24,7 +25,10 @@
 //!    proposals (idempotent inserts), canonical rows whose values changed (compared like
 //!    `refresh_patient`, so an unchanged row gets no new version; computed on a thread of their
 //!    own while this task reads and writes), rows left without records (`merged` into where
-//!    their records went, else `deleted`), and blocking keys whose set changed.
+//!    their records went, else `deleted`), and blocking keys whose set changed. When none of
+//!    the records to rewrite has keys stored (a rebuild from bare records), all their keys are
+//!    computed, sorted and inserted in key order in one transaction
+//!    ([`StoreTx::match_keys_bulk_load`]).
 //!
 //! Run it with the workers stopped: it reads a snapshot and writes its result in batches.
 
@@ -45,6 +49,8 @@ use crate::store::{
 use crate::sync::apply::{next_row, IdentitySettings};
 
 mod compact;
+#[cfg(test)]
+mod tests;
 
 /// How a rebuild runs.
 #[derive(Debug, Clone)]
@@ -60,6 +66,10 @@ pub struct RebuildOptions {
     pub max_key_fanout: usize,
     /// Page cache of the writing connection, in MiB (SQLite).
     pub cache_mib: u32,
+    /// When at least this many records have no blocking keys stored (a rebuild from bare
+    /// records), their keys are written at once in key order (see
+    /// [`StoreTx::match_keys_bulk_load`]).
+    pub bulk_keys_min: usize,
 }
 
 impl Default for RebuildOptions {
@@ -70,6 +80,7 @@ impl Default for RebuildOptions {
             batch_writes: 5_000,
             max_key_fanout: 5_000,
             cache_mib: 128,
+            bulk_keys_min: 10_000,
         }
     }
 }
@@ -140,12 +151,35 @@ struct Current {
     manual: bool,
 }
 
-/// The automatic decision for a record.
-#[derive(Clone)]
+/// The automatic decision for a record, its rule interned in [`Rules`].
+#[derive(Clone, Copy)]
 struct Decided {
     method: LinkMethod,
-    rule: Option<String>,
+    rule: u32,
     score: Option<f64>,
+}
+
+/// Rule names of decisions, each kept once (there are a handful).
+#[derive(Default)]
+struct Rules {
+    names: Vec<String>,
+}
+
+impl Rules {
+    fn intern(&mut self, rule: Option<&str>) -> u32 {
+        let Some(rule) = rule else { return NONE };
+        match self.names.iter().position(|n| n == rule) {
+            Some(i) => i as u32,
+            None => {
+                self.names.push(rule.to_string());
+                self.names.len() as u32 - 1
+            }
+        }
+    }
+
+    fn get(&self, i: u32) -> Option<&str> {
+        self.names.get(i as usize).map(String::as_str)
+    }
 }
 
 struct Cluster {
@@ -171,12 +205,42 @@ impl Patients {
         self.index.insert(id.clone(), i);
         i
     }
+
+    /// A new id, never looked up by value during this rebuild (no stored row or link has
+    /// it), so kept without an index entry.
+    fn push_new(&mut self, id: PatientId) -> u32 {
+        self.ids.push(id);
+        self.ids.len() as u32 - 1
+    }
 }
 
 fn hash_key(key: &str) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     key.hash(&mut h);
     h.finish()
+}
+
+fn hash_source_key(key: &SourceKey) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
+}
+
+/// Record keys by hash: one probe instead of a binary search over a million keys. Exact: a
+/// hit is checked against the key, and keys sharing a hash go to the binary search.
+struct KeyLookup {
+    /// Hash of a record key to the record, or [`NONE`] when several records share the hash.
+    by_hash: HashMap<u64, u32>,
+}
+
+impl KeyLookup {
+    fn find(&self, loaded: &Loaded, key: &SourceKey) -> Option<u32> {
+        match self.by_hash.get(&hash_source_key(key)) {
+            None => None,
+            Some(&NONE) => loaded.find(key),
+            Some(&i) => (loaded.key(i) == key).then_some(i),
+        }
+    }
 }
 
 /// Order-independent fingerprint of a key set, accumulated one key hash at a time (the two
@@ -227,16 +291,28 @@ impl Loaded {
             .map(|pos| self.by_key[pos])
     }
 
+    /// A hash table of the record keys, for scans that look up every stored row.
+    fn lookup(&self) -> KeyLookup {
+        let mut by_hash: HashMap<u64, u32> = HashMap::with_capacity(self.prepared.len());
+        for (i, p) in self.prepared.iter().enumerate() {
+            by_hash
+                .entry(hash_source_key(&p.key))
+                .and_modify(|j| *j = NONE)
+                .or_insert(i as u32);
+        }
+        KeyLookup { by_hash }
+    }
+
     fn key(&self, i: u32) -> &SourceKey {
         &self.prepared[i as usize].key
     }
 
-    /// The records of a cluster, decoded.
-    fn members(&self, members: &[u32]) -> Vec<SourceRecord> {
+    /// The records of a cluster, decoded, with their phone choices.
+    fn members(&self, members: &[u32]) -> (Vec<SourceRecord>, Vec<Option<identity::RecordPhone>>) {
         members
             .iter()
-            .map(|&m| self.records.get(m as usize))
-            .collect()
+            .map(|&m| self.records.get_with_phone(m as usize))
+            .unzip()
     }
 
     /// The records with key hash `h`.
@@ -277,7 +353,7 @@ pub async fn rebuild(
         "Rebuild loaded the source records."
     );
 
-    let (cluster_of, clusters, decided, proposals) = cluster(&loaded, settings, options);
+    let (cluster_of, clusters, decided, rules, proposals) = cluster(&loaded, settings, options);
     let mut patients = loaded.patients;
     let names = name_clusters(&clusters, &loaded.current, &mut patients);
     let loaded = Loaded { patients, ..loaded };
@@ -302,9 +378,9 @@ pub async fn rebuild(
                 }
             }
             previous => {
-                let d = decided[i].clone().unwrap_or(Decided {
+                let d = decided[i].unwrap_or(Decided {
                     method: LinkMethod::New,
-                    rule: None,
+                    rule: NONE,
                     score: None,
                 });
                 let patient_id = loaded.patients.ids[target as usize].clone();
@@ -315,7 +391,7 @@ pub async fn rebuild(
                 } else {
                     report.links_created += 1;
                 }
-                let rule = d.rule.clone().or_else(|| Some("rebuild".into()));
+                let rule = Some(rules.get(d.rule).unwrap_or("rebuild").to_string());
                 let link = Link {
                     key: loaded.key(i as u32).clone(),
                     patient_id: patient_id.clone(),
@@ -342,6 +418,11 @@ pub async fn rebuild(
     }
 
     writer.flush().await?;
+    drop(decided);
+    info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "Rebuild wrote the links."
+    );
 
     // Review proposals: idempotent inserts, skipped for pairs already reviewed.
     for (record, cluster, score) in &proposals {
@@ -364,36 +445,74 @@ pub async fn rebuild(
 
     // Canonical rows: every stored row is compared with its recomputation, on a thread of its
     // own while this task reads stored rows and writes the results.
-    let loaded = Arc::new(loaded);
-    let rows = Rows::new(&loaded, &clusters, &names, &cluster_of, settings, now);
+    let mut loaded = Arc::new(loaded);
+    let rows = Rows::new(&loaded, clusters, &names, &cluster_of, settings, now);
     let rows = write_rows(store, &mut writer, Arc::new(rows), options.page_size).await?;
     report.patients_updated = rows.updated;
     report.patients_created = rows.created;
     report.patients_retired = rows.retired;
     writer.flush().await?;
+    info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "Rebuild wrote the canonical rows."
+    );
 
     // Blocking keys: rewritten only for records whose key set changed.
     let mut stored: Vec<Option<Fingerprint>> = vec![None; loaded.records.len()];
     let mut after: Option<(SourceKey, String)> = None;
+    let mut lookup: Option<KeyLookup> = None;
     loop {
         let page = store
             .load_match_keys_page(after.as_ref(), options.page_size)
             .await?;
         let Some(last) = page.last() else { break };
         after = Some(last.clone());
+        let lookup = lookup.get_or_insert_with(|| loaded.lookup());
         for (key, k) in &page {
-            if let Some(i) = loaded.find(key) {
+            if let Some(i) = lookup.find(&loaded, key) {
                 stored[i as usize]
                     .get_or_insert_with(Fingerprint::default)
                     .add(hash_key(k));
             }
         }
     }
-    for (i, prepared) in loaded.prepared.iter().enumerate() {
-        if stored[i] != Some(loaded.fingerprints[i]) {
-            report.match_keys_rewritten += 1;
-            let keys = prepared.record_blocking_keys();
-            writer.keys(prepared.key.clone(), keys).await?;
+    drop(lookup);
+    info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "Rebuild read the stored blocking keys."
+    );
+    let rewrite: Vec<u32> = (0..loaded.prepared.len() as u32)
+        .filter(|&i| stored[i as usize] != Some(loaded.fingerprints[i as usize]))
+        .collect();
+    report.match_keys_rewritten = rewrite.len() as u64;
+    let fresh = !options.dry_run
+        && rewrite.len() >= options.bulk_keys_min
+        && rewrite.iter().all(|&i| stored[i as usize].is_none());
+    drop(stored);
+    // A fresh start (no record has keys stored, many to write): every key goes in at once, in
+    // key order, so the index B-trees fill in order instead of at random places.
+    let sorted = match fresh {
+        true => {
+            // What the keys need is left: free the rest first.
+            let mut rest = Arc::try_unwrap(loaded)
+                .unwrap_or_else(|_| panic!("the row thread is done with the records"));
+            rest.records = compact::Records::default();
+            rest.index = Vec::new();
+            rest.key_hashes = Vec::new();
+            rest.buckets = Vec::new();
+            loaded = Arc::new(rest);
+            SortedKeys::new(&loaded.prepared, &rewrite)
+        }
+        false => None,
+    };
+    match sorted {
+        Some(sorted) => writer.fresh_keys(&sorted, &loaded.prepared).await?,
+        None => {
+            for &i in &rewrite {
+                let prepared = &loaded.prepared[i as usize];
+                let keys = prepared.record_blocking_keys();
+                writer.keys(prepared.key.clone(), keys).await?;
+            }
         }
     }
     writer.finish().await?;
@@ -408,6 +527,45 @@ pub async fn rebuild(
         "Rebuild finished."
     );
     Ok(report)
+}
+
+/// The blocking keys of many records, in key order: each key once in `text` (a 4-byte length,
+/// then the key), `rows` of `(where in text, record)` sorted by key then record.
+struct SortedKeys {
+    text: Vec<u8>,
+    rows: Vec<(u32, u32)>,
+}
+
+impl SortedKeys {
+    /// `None` when the keys would not fit 32-bit offsets (then they are written record by
+    /// record).
+    fn new(prepared: &[identity::Prepared], records: &[u32]) -> Option<Self> {
+        let mut text = Vec::new();
+        let mut rows = Vec::new();
+        for &i in records {
+            for key in prepared[i as usize].record_blocking_keys() {
+                let at = u32::try_from(text.len()).ok()?;
+                let len = u32::try_from(key.len()).ok()?;
+                text.extend_from_slice(&len.to_le_bytes());
+                text.extend_from_slice(key.as_bytes());
+                rows.push((at, i));
+            }
+        }
+        u32::try_from(text.len()).ok()?;
+        let mut sorted = SortedKeys { text, rows };
+        let mut rows = std::mem::take(&mut sorted.rows);
+        // Bytewise, as SQLite compares text; the records in key order (`prepared` order is
+        // `(source, source_id)` order) break ties.
+        rows.sort_unstable_by(|a, b| sorted.key(a.0).cmp(sorted.key(b.0)).then(a.1.cmp(&b.1)));
+        sorted.rows = rows;
+        Some(sorted)
+    }
+
+    fn key(&self, at: u32) -> &str {
+        let at = at as usize;
+        let len = u32::from_le_bytes(self.text[at..at + 4].try_into().expect("four bytes"));
+        std::str::from_utf8(&self.text[at + 4..at + 4 + len as usize]).expect("a key")
+    }
 }
 
 /// What the canonical-row phase needs, shared with its computing thread.
@@ -436,7 +594,7 @@ type RowBatch = Vec<(PatientRow, Vec<FieldSource>)>;
 impl Rows {
     fn new(
         loaded: &Arc<Loaded>,
-        clusters: &[Cluster],
+        clusters: Vec<Cluster>,
         names: &[u32],
         cluster_of: &[u32],
         settings: &IdentitySettings,
@@ -461,7 +619,7 @@ impl Rows {
         }
         Rows {
             loaded: loaded.clone(),
-            members: clusters.iter().map(|c| c.members.clone()).collect(),
+            members: clusters.into_iter().map(|c| c.members).collect(),
             names: names.to_vec(),
             cluster_of_patient,
             went_to,
@@ -490,10 +648,11 @@ impl Rows {
         match self.cluster(&old.patient_id) {
             Some(c) => {
                 seen[c as usize] = true;
-                let members = loaded.members(&self.members[c as usize]);
-                let golden = identity::golden_record(
+                let (members, phones) = loaded.members(&self.members[c as usize]);
+                let golden = identity::golden_record_with_phones(
                     &old.patient_id,
                     &members,
+                    &phones,
                     &self.survivorship,
                     self.now,
                 );
@@ -528,8 +687,14 @@ impl Rows {
     /// The row of a cluster no stored row stands for.
     fn new_row(&self, c: usize, counts: &mut RowCounts) -> Option<(PatientRow, Vec<FieldSource>)> {
         let patient_id = &self.loaded.patients.ids[self.names[c] as usize];
-        let members = self.loaded.members(&self.members[c]);
-        let golden = identity::golden_record(patient_id, &members, &self.survivorship, self.now);
+        let (members, phones) = self.loaded.members(&self.members[c]);
+        let golden = identity::golden_record_with_phones(
+            patient_id,
+            &members,
+            &phones,
+            &self.survivorship,
+            self.now,
+        );
         let row = next_row(golden.row, None, self.now)?;
         counts.created += 1;
         Some((row, golden.provenance))
@@ -649,8 +814,10 @@ async fn load(
                         let computed = part
                             .iter()
                             .map(|r| {
-                                packed.push(r);
                                 let prepared = identity::Prepared::new(r, &settings.matching);
+                                // Right after preparing: the phones just parsed are remembered.
+                                let phone = identity::record_phone(&r.fields.phones);
+                                packed.push(r, phone.as_ref());
                                 let keys = prepared.record_blocking_keys();
                                 let hashes: Vec<u64> = keys.iter().map(|k| hash_key(k)).collect();
                                 let mut fp = Fingerprint::default();
@@ -700,6 +867,10 @@ async fn load(
     }
     buckets.push(index.len() as u32);
 
+    info!(
+        records = prepared.len(),
+        "Rebuild read and prepared the source records."
+    );
     let mut loaded = Loaded {
         current: vec![None; prepared.len()],
         records,
@@ -715,14 +886,16 @@ async fn load(
     };
 
     let mut after: Option<SourceKey> = None;
+    let mut lookup: Option<KeyLookup> = None;
     loop {
         let page = store
             .load_links_page(after.as_ref(), options.page_size)
             .await?;
         let Some(last) = page.last() else { break };
         after = Some(last.key.clone());
+        let lookup = lookup.get_or_insert_with(|| loaded.lookup());
         for link in page {
-            if let Some(i) = loaded.find(&link.key) {
+            if let Some(i) = lookup.find(&loaded, &link.key) {
                 let patient = loaded.patients.intern(&link.patient_id);
                 loaded.current[i as usize] = Some(Current {
                     patient,
@@ -747,18 +920,20 @@ type Clustering = (
     Vec<u32>,
     Vec<Cluster>,
     Vec<Option<Decided>>,
+    Rules,
     Vec<(u32, u32, f64)>,
 );
 
 /// Assigns every record to a cluster, in key order. Returns the cluster of each record, the
-/// clusters, each record's automatic decision and the review proposals `(record, cluster,
-/// score)`.
+/// clusters, each record's automatic decision (with the rule names it refers to) and the review
+/// proposals `(record, cluster, score)`.
 fn cluster(loaded: &Loaded, settings: &IdentitySettings, options: &RebuildOptions) -> Clustering {
     let n = loaded.records.len();
     let mut cluster_of = vec![NONE; n];
     let mut clusters: Vec<Cluster> = Vec::new();
     let mut seeds: HashMap<u32, u32> = HashMap::new();
     let mut decided: Vec<Option<Decided>> = vec![None; n];
+    let mut rules = Rules::default();
     let mut proposals = Vec::new();
 
     let assign = |cluster_of: &mut Vec<u32>, clusters: &mut Vec<Cluster>, i: u32, c: u32| {
@@ -805,6 +980,7 @@ fn cluster(loaded: &Loaded, settings: &IdentitySettings, options: &RebuildOption
             &mut cluster_of,
             &mut clusters,
             &mut decided,
+            &mut rules,
             &mut proposals,
         );
     }
@@ -824,7 +1000,7 @@ fn cluster(loaded: &Loaded, settings: &IdentitySettings, options: &RebuildOption
             assign(&mut cluster_of, &mut clusters, i, c);
             decided[i as usize] = Some(Decided {
                 method: LinkMethod::SourceMerge,
-                rule: Some("source_merged".into()),
+                rule: rules.intern(Some("source_merged")),
                 score: None,
             });
         } else {
@@ -837,11 +1013,12 @@ fn cluster(loaded: &Loaded, settings: &IdentitySettings, options: &RebuildOption
                 &mut cluster_of,
                 &mut clusters,
                 &mut decided,
+                &mut rules,
                 &mut proposals,
             );
         }
     }
-    (cluster_of, clusters, decided, proposals)
+    (cluster_of, clusters, decided, rules, proposals)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -854,6 +1031,7 @@ fn decide_one(
     cluster_of: &mut [u32],
     clusters: &mut Vec<Cluster>,
     decided: &mut [Option<Decided>],
+    rules: &mut Rules,
     proposals: &mut Vec<(u32, u32, f64)>,
 ) {
     let mut reached: BTreeSet<u32> = BTreeSet::new();
@@ -917,7 +1095,7 @@ fn decide_one(
             } => {
                 decided[i as usize] = Some(Decided {
                     method: *method,
-                    rule: rule.clone(),
+                    rule: rules.intern(rule.as_deref()),
                     score: *score,
                 });
                 Some(label(patient_id))
@@ -1001,7 +1179,7 @@ fn name_clusters(
         }
     }
     for name in names.iter_mut().filter(|n| **n == NONE) {
-        *name = patients.intern(&PatientId::generate());
+        *name = patients.push_new(PatientId::generate());
     }
     names
 }
@@ -1114,6 +1292,36 @@ impl<'a> Writer<'a> {
             }
         }
         self.wrote_n(n).await
+    }
+
+    /// Inserts the keys of records with none stored in one transaction, in key order (see
+    /// [`StoreTx::match_keys_bulk_load`]).
+    async fn fresh_keys(
+        &mut self,
+        sorted: &SortedKeys,
+        prepared: &[identity::Prepared],
+    ) -> StoreResult<()> {
+        self.flush().await?;
+        let Some(tx) = self.tx().await? else {
+            return Ok(());
+        };
+        tx.match_keys_bulk_load(true).await?;
+        // A few statements' worth at a time.
+        let mut rows: Vec<(&str, &SourceKey)> = Vec::new();
+        for part in sorted.rows.chunks(20_000) {
+            rows.clear();
+            rows.extend(
+                part.iter()
+                    .map(|&(at, i)| (sorted.key(at), &prepared[i as usize].key)),
+            );
+            tx.insert_match_keys(&rows).await?;
+        }
+        tx.match_keys_bulk_load(false).await?;
+        if let Some(tx) = self.tx.take() {
+            commit(tx).await?;
+        }
+        self.pending = 0;
+        Ok(())
     }
 
     async fn finish(mut self) -> StoreResult<()> {

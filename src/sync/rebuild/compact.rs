@@ -1,9 +1,11 @@
 //! Source records packed into one byte buffer for `rebuild`: what survivorship reads (key,
-//! fields, status, merge target, times), without the raw payload, at a fraction of the memory
-//! of `SourceRecord`s. Decoding gives back the record exactly, with a null payload.
+//! fields, status, merge target, times, and the record's phone choice, parsed once), without
+//! the raw payload, at a fraction of the memory of `SourceRecord`s. Decoding gives back the
+//! record exactly, with a null payload.
 
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
 
+use crate::identity::RecordPhone;
 use crate::model::{
     Address, ExternalId, PersonFields, RecordStatus, SourceId, SourceKey, SourceKind, SourceRecord,
 };
@@ -21,11 +23,19 @@ impl Records {
         self.starts.len().saturating_sub(1)
     }
 
-    pub(super) fn push(&mut self, record: &SourceRecord) {
+    /// Packs a record with its phone choice ([`crate::identity::record_phone`]).
+    pub(super) fn push(&mut self, record: &SourceRecord, phone: Option<&RecordPhone>) {
         if self.starts.is_empty() {
             self.starts.push(0);
         }
         encode(record, &mut self.bytes);
+        match phone {
+            None => self.bytes.push(0),
+            Some(p) => {
+                self.bytes.push(if p.real { 2 } else { 1 });
+                put_str(&mut self.bytes, &p.value);
+            }
+        }
         self.starts.push(self.bytes.len());
     }
 
@@ -46,10 +56,23 @@ impl Records {
     }
 
     pub(super) fn get(&self, i: usize) -> SourceRecord {
+        self.get_with_phone(i).0
+    }
+
+    /// The record and the phone choice it was packed with.
+    pub(super) fn get_with_phone(&self, i: usize) -> (SourceRecord, Option<RecordPhone>) {
         let mut r = Reader {
             bytes: &self.bytes[self.starts[i]..self.starts[i + 1]],
         };
-        decode(&mut r)
+        let record = decode(&mut r);
+        let phone = match r.byte() {
+            0 => None,
+            tag => Some(RecordPhone {
+                value: r.string(),
+                real: tag == 2,
+            }),
+        };
+        (record, phone)
     }
 }
 
@@ -328,16 +351,21 @@ mod tests {
             fetched_at: Utc.timestamp_opt(0, 0).unwrap(),
             raw: serde_json::Value::Null,
         };
+        let phone = RecordPhone {
+            value: "+15550100".into(),
+            real: false,
+        };
         let mut first = Records::default();
-        first.push(&full);
+        first.push(&full, Some(&phone));
         let mut records = Records::default();
-        records.push(&bare);
+        records.push(&bare, None);
         records.append(&first);
         records.append(&Records::default());
         assert_eq!(records.len(), 2);
-        assert_eq!(records.get(0), bare);
+        assert_eq!(records.get_with_phone(0), (bare, None));
         let mut expected = full;
         expected.raw = serde_json::Value::Null;
         assert_eq!(records.get(1), expected);
+        assert_eq!(records.get_with_phone(1).1, Some(phone));
     }
 }
