@@ -1600,26 +1600,16 @@ macro_rules! impl_store {
                         q = q.bind(key.source.as_str()).bind(key.id.as_str());
                     }
                     q.execute(&mut *self.tx).await?;
-                    let rows: Vec<(&SourceKey, &String)> = chunk
+                    let rows: Vec<(&str, &SourceKey)> = chunk
                         .iter()
                         .flat_map(|(key, keys)| {
-                            let mut keys: Vec<&String> = keys.iter().collect();
-                            keys.sort();
+                            let mut keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                            keys.sort_unstable();
                             keys.dedup();
-                            keys.into_iter().map(move |k| (key, k))
+                            keys.into_iter().map(move |k| (k, key))
                         })
                         .collect();
-                    for part in rows.chunks(crate::store::sql::bulk_params($backend) / 3) {
-                        let sql = format!(
-                            "INSERT INTO match_keys (key, source, source_id) VALUES {}",
-                            crate::store::sql::bulk_placeholders($backend, part.len(), 3)
-                        );
-                        let mut q = sqlx::query(&sql);
-                        for (key, k) in part {
-                            q = q.bind(*k).bind(key.source.as_str()).bind(key.id.as_str());
-                        }
-                        q.execute(&mut *self.tx).await?;
-                    }
+                    self.insert_match_keys(&rows).await?;
                 }
                 Ok(())
             }
