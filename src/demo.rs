@@ -111,7 +111,7 @@ pub async fn run_demo(base: Settings, dir: Option<PathBuf>, people: usize) -> an
         }
     };
     let db_path = dir.join("demo.sqlite");
-    for suffix in ["", "-wal", "-shm"] {
+    for suffix in ["", "-wal", "-shm", ".limits", ".limits-wal", ".limits-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", db_path.display()));
     }
 

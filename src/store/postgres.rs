@@ -30,8 +30,23 @@ impl PgStore {
         &self.pool
     }
 
+    /// The pool writes use: the same pool (Postgres has concurrent writers).
+    fn writer(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The pool holding the shared rate limits (tables `rate_slots`, `rate_budgets`).
+    fn limits(&self) -> &PgPool {
+        &self.pool
+    }
+
     fn migrator(&self) -> sqlx::migrate::Migrator {
         sqlx::migrate!("./migrations/postgres")
+    }
+
+    /// Postgres checkpoints on its own: nothing to signal on commit.
+    fn commit_signal(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        None
     }
 }
 

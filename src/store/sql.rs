@@ -370,17 +370,17 @@ macro_rules! impl_store {
             }
 
             async fn migrate(&self) -> StoreResult<()> {
-                self.migrator().run(&self.pool).await?;
+                self.migrator().run(self.writer()).await?;
                 Ok(())
             }
 
             async fn begin(&self) -> StoreResult<Box<dyn StoreTx>> {
-                let tx = $begin(&self.pool).await?;
-                Ok(Box::new($Tx { tx }))
+                let tx = $begin(self.writer()).await?;
+                Ok(Box::new($Tx { tx, committed: self.commit_signal() }))
             }
 
             async fn insert_inbox(&self, item: &NewInboxItem) -> StoreResult<InsertOutcome> {
-                insert_inbox_in(&self.pool, item).await
+                insert_inbox_in(self.writer(), item).await
             }
 
             async fn claim_inbox(
@@ -403,7 +403,7 @@ macro_rules! impl_store {
                     .bind(now_ms + lease.as_millis() as i64)
                     .bind(now_ms)
                     .bind(i64::from(limit))
-                    .fetch_all(&self.pool)
+                    .fetch_all(self.writer())
                     .await?;
                 let mut items = rows.iter().map(inbox_from_row).collect::<StoreResult<Vec<_>>>()?;
                 items.sort_by_key(|i| (i.available_at_ms, i.id));
@@ -423,7 +423,7 @@ macro_rules! impl_store {
                 .bind(&retry.error_kind)
                 .bind(retry.http_status.map(i64::from))
                 .bind(retry.count_attempt)
-                .execute(&self.pool)
+                .execute(self.writer())
                 .await?;
                 Ok(result.rows_affected() == 1)
             }
@@ -446,7 +446,7 @@ macro_rules! impl_store {
                 .bind(error_kind)
                 .bind(http_status.map(i64::from))
                 .bind(now_ms)
-                .execute(&self.pool)
+                .execute(self.writer())
                 .await?;
                 Ok(result.rows_affected() == 1)
             }
@@ -457,7 +457,7 @@ macro_rules! impl_store {
                      WHERE lease_owner = $1 AND state = 'leased'",
                 )
                 .bind(owner)
-                .execute(&self.pool)
+                .execute(self.writer())
                 .await?;
                 Ok(result.rows_affected())
             }
@@ -468,7 +468,7 @@ macro_rules! impl_store {
                 )
                 .bind(owner)
                 .bind(until_ms)
-                .execute(&self.pool)
+                .execute(self.writer())
                 .await?;
                 Ok(result.rows_affected())
             }
@@ -516,7 +516,7 @@ macro_rules! impl_store {
                 .bind(source.map(|s| s.as_str()))
                 .bind(since_ms)
                 .bind(now_ms)
-                .execute(&self.pool)
+                .execute(self.writer())
                 .await?;
                 Ok(result.rows_affected())
             }
@@ -628,7 +628,7 @@ macro_rules! impl_store {
                 .bind(state.checkpoint.as_deref())
                 .bind(state.last_success_at)
                 .bind(state.updated_at)
-                .execute(&self.pool)
+                .execute(self.writer())
                 .await?;
                 Ok(())
             }
@@ -831,7 +831,7 @@ macro_rules! impl_store {
                     for id in chunk {
                         query = query.bind(id.as_str());
                     }
-                    let rows = query.fetch_all(&self.pool).await?;
+                    let rows = query.fetch_all(self.writer()).await?;
                     for row in &rows {
                         items.push(inbox_from_row(row)?);
                     }
@@ -849,7 +849,7 @@ macro_rules! impl_store {
             ) -> StoreResult<Option<ResyncRun>> {
                 sqlx::query("INSERT INTO resync_runs (source) VALUES ($1) ON CONFLICT (source) DO NOTHING")
                     .bind(source.as_str())
-                    .execute(&self.pool)
+                    .execute(self.writer())
                     .await?;
                 let row = sqlx::query(
                     "UPDATE resync_runs SET owner = $2, leased_until_ms = $3 \
@@ -860,7 +860,7 @@ macro_rules! impl_store {
                 .bind(owner)
                 .bind(until_ms)
                 .bind(now_ms)
-                .fetch_optional(&self.pool)
+                .fetch_optional(self.writer())
                 .await?;
                 row.as_ref().map(resync_run_from_row).transpose()
             }
@@ -870,7 +870,7 @@ macro_rules! impl_store {
                     .bind(source.as_str())
                     .bind(owner)
                     .bind(until_ms)
-                    .execute(&self.pool)
+                    .execute(self.writer())
                     .await?;
                 Ok(done.rows_affected() == 1)
             }
@@ -879,7 +879,7 @@ macro_rules! impl_store {
                 sqlx::query("UPDATE resync_runs SET owner = NULL, leased_until_ms = NULL WHERE source = $1 AND owner = $2")
                     .bind(source.as_str())
                     .bind(owner)
-                    .execute(&self.pool)
+                    .execute(self.writer())
                     .await?;
                 Ok(())
             }
@@ -892,7 +892,7 @@ macro_rules! impl_store {
                 .bind(source.as_str())
                 .bind(owner)
                 .bind(now_ms)
-                .fetch_optional(&self.pool)
+                .fetch_optional(self.writer())
                 .await?;
                 row.map(|r| r.try_get::<i64, _>("pass")).transpose().map_err(Into::into)
             }
@@ -905,7 +905,7 @@ macro_rules! impl_store {
                 .bind(source.as_str())
                 .bind(owner)
                 .bind(pass)
-                .execute(&self.pool)
+                .execute(self.writer())
                 .await?;
                 Ok(done.rows_affected() == 1)
             }
@@ -972,13 +972,13 @@ macro_rules! impl_store {
                 .bind(missing_passes)
                 .bind(checked_pass)
                 .bind(since)
-                .execute(&self.pool)
+                .execute(self.writer())
                 .await?;
                 Ok(())
             }
 
             async fn insert_inbox_batch(&self, items: &[NewInboxItem]) -> StoreResult<Vec<InsertOutcome>> {
-                let mut tx = $begin(&self.pool).await?;
+                let mut tx = $begin(self.writer()).await?;
                 let mut outcomes = Vec::with_capacity(items.len());
                 for item in items {
                     outcomes.push(insert_inbox_in(&mut *tx, item).await?);
@@ -997,7 +997,7 @@ macro_rules! impl_store {
                 .bind(key)
                 .bind(now_us)
                 .bind(interval_us)
-                .fetch_one(&self.pool)
+                .fetch_one(self.limits())
                 .await?;
                 Ok(row.try_get("tat_us")?)
             }
@@ -1009,7 +1009,7 @@ macro_rules! impl_store {
                 )
                 .bind(key)
                 .bind(at_us)
-                .execute(&self.pool)
+                .execute(self.limits())
                 .await?;
                 Ok(())
             }
@@ -1034,7 +1034,7 @@ macro_rules! impl_store {
                 .bind(window_end_us)
                 .bind(keep)
                 .bind(limit)
-                .fetch_optional(&self.pool)
+                .fetch_optional(self.limits())
                 .await?;
                 row.map(|r| r.try_get::<i64, _>("used")).transpose().map_err(Into::into)
             }
@@ -1188,6 +1188,8 @@ macro_rules! impl_store {
         /// A write transaction on this backend.
         pub struct $Tx {
             tx: sqlx::Transaction<'static, $Db>,
+            /// Notified after a successful commit.
+            committed: Option<std::sync::Arc<tokio::sync::Notify>>,
         }
 
         #[async_trait]
@@ -1413,7 +1415,11 @@ macro_rules! impl_store {
             }
 
             async fn commit(self: Box<Self>) -> StoreResult<()> {
-                self.tx.commit().await?;
+                let $Tx { tx, committed } = *self;
+                tx.commit().await?;
+                if let Some(committed) = committed {
+                    committed.notify_one();
+                }
                 Ok(())
             }
 

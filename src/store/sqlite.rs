@@ -1,6 +1,9 @@
 //! The SQLite store: the embedded default. WAL journal, a busy timeout, foreign keys on, temporary
 //! storage in memory, `BEGIN IMMEDIATE` for write transactions so read-then-write never fails on
 //! a lock upgrade, and WAL checkpoints on a background task rather than in a writer's commit.
+//! Writes go through one connection; the shared rate limits live in a file of their own beside
+//! the database (`<database file>.limits`), so reserving a request slot never waits behind a
+//! long write transaction.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -11,13 +14,53 @@ use sqlx::{Sqlite, SqlitePool};
 /// A SQLite-backed [`Store`](crate::store::Store).
 #[derive(Clone)]
 pub struct SqliteStore {
+    /// Reads.
     pool: SqlitePool,
+    /// Writes: one connection. SQLite admits one writer at a time anyway; with one connection a
+    /// writer waits in the pool's queue instead of the busy handler's sleeps, and its page cache
+    /// stays valid from one transaction to the next (a connection drops its cache whenever
+    /// another connection has written since its last transaction).
+    writer: SqlitePool,
+    /// The shared rate limits, in their own file: see [`LIMITS_SCHEMA`].
+    limits: SqlitePool,
     /// Stops the background checkpointer when the last clone of the store is dropped.
     _checkpointer: Arc<tokio_util::sync::DropGuard>,
+    /// Wakes the background checkpointer after a write transaction commits.
+    committed: Arc<tokio::sync::Notify>,
 }
 
 /// How often the background task checkpoints the WAL.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Tables of the rate-limit file (`<database file>.limits`): the limits every process using the
+/// database shares (see `sources::shared_limit`). A file of its own has its own write lock, so
+/// a reservation, taken before every upstream request, never waits for the database's writer
+/// (a page of a resync holds it for tens of milliseconds), and it never invalidates the
+/// writer's page cache. Times are wall-clock microseconds since the Unix epoch.
+///
+/// - `rate_slots`: one row per limiter key (`healthie`, `healthie:bulk`, ...), holding the
+///   GCRA "theoretical arrival time"; a reservation moves it on by one interval, a rate-limit
+///   answer pushes it to the end of the pause.
+/// - `rate_budgets`: requests used of a daily allowance (IntakeQ's), per key, in the window
+///   ending at `window_end_us`.
+pub const LIMITS_SCHEMA: &str = "\
+CREATE TABLE IF NOT EXISTS rate_slots (
+    key    TEXT PRIMARY KEY,
+    tat_us BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rate_budgets (
+    key           TEXT PRIMARY KEY,
+    window_end_us BIGINT NOT NULL,
+    used          BIGINT NOT NULL
+);
+";
+
+/// The rate-limit file of the database file `db`.
+pub fn limits_file(db: &std::path::Path) -> std::path::PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push(".limits");
+    name.into()
+}
 
 /// Page cache per connection, in KiB: 32 MiB (SQLite's default is 2 MiB), taken as used.
 pub(crate) const CACHE_KIB: i64 = 32_768;
@@ -45,18 +88,55 @@ impl SqliteStore {
             .pragma("wal_autocheckpoint", "10000");
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
+            .connect_with(options.clone())
+            .await?;
+        let limits_options = options
+            .clone()
+            .filename(limits_file(options.get_filename()))
+            .pragma("cache_size", "-2048");
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(std::time::Duration::from_secs(30))
             .connect_with(options)
             .await?;
+        let limits = SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(limits_options)
+            .await?;
+        sqlx::raw_sql(LIMITS_SCHEMA).execute(&limits).await?;
         let stop = tokio_util::sync::CancellationToken::new();
-        tokio::spawn(checkpoint_in_background(pool.clone(), stop.clone()));
+        let committed = Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(checkpoint_in_background(
+            pool.clone(),
+            committed.clone(),
+            stop.clone(),
+        ));
         Ok(Self {
             pool,
+            writer,
+            limits,
             _checkpointer: Arc::new(stop.drop_guard()),
+            committed,
         })
+    }
+
+    /// What a write transaction signals when it commits (the background checkpointer).
+    fn commit_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
+        Some(self.committed.clone())
     }
 
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// The pool write transactions and writing statements use.
+    fn writer(&self) -> &SqlitePool {
+        &self.writer
+    }
+
+    /// The pool of the rate-limit file.
+    fn limits(&self) -> &SqlitePool {
+        &self.limits
     }
 
     fn migrator(&self) -> sqlx::migrate::Migrator {
@@ -64,14 +144,21 @@ impl SqliteStore {
     }
 }
 
-/// Copies committed WAL pages into the database file every [`CHECKPOINT_EVERY`] with a passive
-/// checkpoint (it waits for no one and blocks no writer), so the commits of a busy writer seldom
-/// reach `wal_autocheckpoint` and do the copying and syncing themselves. Skips a round when
-/// every connection is busy.
-async fn checkpoint_in_background(pool: SqlitePool, stop: tokio_util::sync::CancellationToken) {
+/// Copies committed WAL pages into the database file with a passive checkpoint (it waits for
+/// no one and blocks no writer) as soon as a write transaction of this store commits, and at
+/// least every [`CHECKPOINT_EVERY`]. A checkpoint that has copied everything before the next
+/// commit lets that commit start the WAL over, so the WAL stays about one transaction long and
+/// the commits of a busy writer seldom reach `wal_autocheckpoint` and do the copying and
+/// syncing themselves. Skips a round when every connection is busy.
+async fn checkpoint_in_background(
+    pool: SqlitePool,
+    committed: Arc<tokio::sync::Notify>,
+    stop: tokio_util::sync::CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
+            _ = committed.notified() => {}
             _ = tokio::time::sleep(CHECKPOINT_EVERY) => {}
         }
         if pool.is_closed() {
