@@ -245,6 +245,14 @@ async fn main() -> anyhow::Result<()> {
         patients
     );
     println!("true same-person pairs {}", truth.len());
+    let key_count: usize = records
+        .iter()
+        .map(|r| patient_sync::identity::record_blocking_keys(r, &identity.matching).len())
+        .sum();
+    println!(
+        "blocking keys          {:.2} per record",
+        key_count as f64 / records.len().max(1) as f64
+    );
     println!(
         "auto-links             precision {:.4}  recall {:.4}  F1 {:.4}  false pairs {}",
         auto.precision, auto.recall, auto.f1, auto.false_pairs

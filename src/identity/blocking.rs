@@ -11,13 +11,15 @@
 //!   and the legal given name too (a record with the two names swapped)
 //! - `dg:<dob>|<initial>`: initials of the given and preferred names and of their formal names
 //!   (Bob -> b and r)
-//! - `nm:<family word>|<formal given name>`: so a record without a birth date (on either side)
-//!   still meets its match
+//! - `dz:<dob>|<zip>`: a record whose given and family names both changed or were mistyped
+//! - `nm:<soundex of family word>|<soundex of formal given name>`: so a record without a birth
+//!   date, or with a mistyped one (on either side), still meets its match, with a typo in
+//!   either name
 //! - `xid:<system>:<value>` for a trusted external id of a non-source system, and
 //!   `src:<source>:<id>` both for a trusted id naming a source record and for the record itself
 //!   (see [`record_blocking_keys`])
 //!
-//! In the two date keys the day and month are written smaller first (`1980-03-05` and
+//! In the date keys the day and month are written smaller first (`1980-03-05` and
 //! `1980-05-03` both give `1980-03-05`), so a swap keeps the key. Keys contain PHI: store them
 //! like the source records and never log them.
 
@@ -98,13 +100,24 @@ pub(crate) fn profile_keys(profile: &Profile, ids: &[(String, String)]) -> BTree
         for initial in &initials {
             keys.insert(format!("dg:{date}|{initial}"));
         }
+        // Birth date and ZIP: records whose given and family names both changed or were
+        // mistyped.
+        if let Some(zip) = profile.address.and_then(|a| a.zip) {
+            keys.insert(format!("dz:{date}|{zip}"));
+        }
     }
-    // Without this family, a record whose birth date is missing (on either side) would be
-    // found only by email or phone. Emitted for every record, since the other side may be
-    // the one missing the date.
+    // Without this family, a record whose birth date is missing or mistyped (on either side)
+    // would be found only by email or phone. Emitted for every record, since the other side
+    // may be the one missing the date. Phonetic on both names, so a typo in either still
+    // meets its match.
     for word in &family_words {
+        let Some(family_code) = normalize::soundex(word) else {
+            continue;
+        };
         for given in &formal {
-            keys.insert(format!("nm:{word}|{given}"));
+            if let Some(given_code) = normalize::soundex(given) {
+                keys.insert(format!("nm:{family_code}|{given_code}"));
+            }
         }
     }
 

@@ -40,7 +40,7 @@ const DOB_EXACT: MU = (0.92, 0.0002); // +12.17
 const DOB_TRANSPOSED: MU = (0.01, 0.0001); // +6.64 day and month swapped
 const DOB_DAY_OFF: MU = (0.01, 0.0002); // +5.64 one day apart (time-zone shifted dates)
 const DOB_YEAR_OFF: MU = (0.01, 0.0003); // +5.06 same day and month, year +-1
-const DOB_ONE_DIGIT: MU = (0.03, 0.002); // +3.91 one digit differs (not in the century or decade)
+const DOB_ONE_DIGIT: MU = (0.03, 0.002); // +3.91 one digit differs, or two neighbouring ones swapped (not in the century or decade)
 const DOB_DISAGREE: MU = (0.02, 0.997); // -5.64
 
 const SEX_AGREE: MU = (0.98, 0.5); // +0.97
@@ -51,7 +51,7 @@ const EMAIL_DISAGREE: MU = (0.15, 0.9995); // -2.74
 const PHONE_AGREE: MU = (0.8, 0.0005); // +10.64 any number in common
 const PHONE_DISAGREE: MU = (0.2, 0.9995); // -2.32 no number in common
 const ADDRESS_EXACT: MU = (0.7, 0.0005); // +10.45 same street line (and unit) and ZIP
-const ADDRESS_FUZZY: MU = (0.08, 0.001); // +6.32 street line JW >= 0.92, same ZIP; or same line and city, ZIP mistyped
+const ADDRESS_FUZZY: MU = (0.08, 0.001); // +6.32 the same street line written differently (same house number), same ZIP; or the town agreeing and the ZIP mistyped or missing
 const ADDRESS_AREA: MU = (0.1, 0.02); // +2.32 same ZIP only, or same building, other unit
 const ADDRESS_DISAGREE: MU = (0.12, 0.979); // -3.03
 
@@ -93,6 +93,8 @@ pub(crate) enum DateLevel {
     DayOff,
     YearOff,
     OneDigit,
+    /// Two neighbouring digits swapped (not in the century or decade).
+    DigitsSwapped,
     Disagree,
 }
 
@@ -521,14 +523,28 @@ impl Comparison {
         );
         let mut given = compare_given(a.given(), b.given());
         let mut family = compare_family(a.family.as_ref(), b.family.as_ref());
-        let names_swapped = given == NameLevel::Disagree
-            && family == NameLevel::Disagree
-            && (names_cross(a, b) && names_cross(b, a));
-        if names_swapped {
-            // Exact crosswise agreement of both names; scored a notch below a plain match.
-            given = NameLevel::Alias;
-            family = NameLevel::Exact;
-        }
+        let straight_fails = matches!(given, NameLevel::Disagree | NameLevel::Similar)
+            && family == NameLevel::Disagree;
+        let cross = if straight_fails {
+            (names_cross(a, b), names_cross(b, a))
+        } else {
+            (Cross::No, Cross::No)
+        };
+        let names_swapped = match cross {
+            (Cross::Exact, Cross::Exact) => {
+                // Exact crosswise agreement of both names; scored a notch below a plain match.
+                given = NameLevel::Alias;
+                family = NameLevel::Exact;
+                true
+            }
+            // One name crosswise exact, the other one typo away: fuzzy on both.
+            (Cross::Exact, Cross::Close) | (Cross::Close, Cross::Exact) => {
+                given = NameLevel::Fuzzy;
+                family = NameLevel::Fuzzy;
+                true
+            }
+            _ => false,
+        };
         Comparison {
             given,
             family,
@@ -642,6 +658,7 @@ impl Comparison {
             });
         };
         let (level, mu) = match self.given {
+            NameLevel::Fuzzy if self.names_swapped => ("swapped", Some(GIVEN_FUZZY)),
             _ if self.names_swapped => ("swapped", Some(GIVEN_ALIAS)),
             NameLevel::Exact => ("exact", Some(GIVEN_EXACT)),
             NameLevel::Alias => ("nickname", Some(GIVEN_ALIAS)),
@@ -653,6 +670,7 @@ impl Comparison {
         };
         push("given_name", level, mu);
         let (level, mu) = match self.family {
+            NameLevel::Fuzzy if self.names_swapped => ("swapped", Some(FAMILY_FUZZY)),
             _ if self.names_swapped => ("swapped", Some(FAMILY_SWAPPED)),
             NameLevel::Exact => ("exact", Some(FAMILY_EXACT)),
             NameLevel::Token => ("token", Some(FAMILY_TOKEN)),
@@ -669,6 +687,7 @@ impl Comparison {
             DateLevel::DayOff => ("day_off_by_one", Some(DOB_DAY_OFF)),
             DateLevel::YearOff => ("year_off_by_one", Some(DOB_YEAR_OFF)),
             DateLevel::OneDigit => ("one_digit", Some(DOB_ONE_DIGIT)),
+            DateLevel::DigitsSwapped => ("digits_swapped", Some(DOB_ONE_DIGIT)),
             DateLevel::Disagree => ("disagree", Some(DOB_DISAGREE)),
             DateLevel::Missing => ("missing", None),
         };
@@ -714,11 +733,35 @@ pub(crate) const RULE_NAME_DOB_ZIP: &str = "name_dob_zip";
 pub(crate) const RULE_NAME_EMAIL_CONTACT: &str = "name_email_contact";
 pub(crate) const RULE_GIVEN_DOB_CONTACT: &str = "given_dob_contact";
 
-/// `a`'s given name (legal or preferred) written as `b`'s family name.
-fn names_cross(a: &View<'_>, b: &View<'_>) -> bool {
-    b.family
-        .as_ref()
-        .is_some_and(|f| a.given().iter().any(|g| g.joined == f.joined))
+/// How `a`'s given name (legal or preferred) compares with `b`'s family name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cross {
+    No,
+    /// One typo apart (Jaro-Winkler >= 0.9, or one edit in names of four letters or more).
+    Close,
+    Exact,
+}
+
+/// `a`'s given name (legal or preferred) written as `b`'s family name, exactly or with a typo.
+fn names_cross(a: &View<'_>, b: &View<'_>) -> Cross {
+    let Some(f) = b.family.as_ref() else {
+        return Cross::No;
+    };
+    let mut best = Cross::No;
+    for g in a.given() {
+        let (p, q) = (g.joined, f.joined);
+        if p == q {
+            return Cross::Exact;
+        }
+        if p.len() > 2
+            && q.len() > 2
+            && (strsim::jaro_winkler(p, q) >= FAMILY_FUZZY_JW
+                || (p.len().min(q.len()) >= 4 && strsim::osa_distance(p, q) <= 1))
+        {
+            best = Cross::Close;
+        }
+    }
+    best
 }
 
 fn agreement_weight(a: Agreement, agree: MU, disagree: MU) -> (&'static str, Option<MU>) {
@@ -859,51 +902,144 @@ fn compare_dates(a: Option<NaiveDate>, b: Option<NaiveDate>) -> DateLevel {
     if diffs.len() == 1 && diffs[0] >= 3 {
         return DateLevel::OneDigit;
     }
+    // Two neighbouring digits typed the other way round (1984-10-05 as 1984-01-05), again
+    // not in the century or decade.
+    if let [i, j] = diffs[..] {
+        if i >= 3
+            && j == i + 1
+            && da.as_bytes()[i] == db.as_bytes()[j]
+            && da.as_bytes()[j] == db.as_bytes()[i]
+        {
+            return DateLevel::DigitsSwapped;
+        }
+    }
     DateLevel::Disagree
 }
 
+/// Street line, town and ZIP together: `Exact` the same line and ZIP; `Fuzzy` the same line
+/// written differently ([`street_lines_close`]) under the same ZIP, or the town agreeing and the
+/// ZIP mistyped, different or missing; `Area` the same ZIP only, or the same building with
+/// another unit.
 fn compare_addresses(a: Option<AddressRef<'_>>, b: Option<AddressRef<'_>>) -> AddressLevel {
     let (Some(a), Some(b)) = (a, b) else {
         return AddressLevel::Missing;
     };
     let zips = match (a.zip, b.zip) {
-        (Some(x), Some(y)) => Some(x == y),
+        (Some(x), Some(y)) if x == y => Some(Closeness::Same),
+        (Some(x), Some(y)) if one_slip(x, y) => Some(Closeness::Close),
+        (Some(_), Some(_)) => Some(Closeness::Different),
         _ => None,
     };
-    let same_city = matches!((a.city, b.city), (Some(x), Some(y)) if x == y);
+    let city = match (a.city, b.city) {
+        (Some(x), Some(y)) if x == y => Some(Closeness::Same),
+        (Some(x), Some(y)) if words_close(x, y) => Some(Closeness::Close),
+        (Some(_), Some(_)) => Some(Closeness::Different),
+        _ => None,
+    };
+    let city_agrees = matches!(city, Some(Closeness::Same | Closeness::Close));
     let other_unit = matches!((a.unit, b.unit), (Some(x), Some(y)) if x != y);
     match (a.line1, b.line1) {
         (Some(x), Some(y)) => {
-            if zips == Some(false) {
-                // The same street line in the same city under another ZIP is a mistyped ZIP
-                // more often than a move.
-                if same_city && !other_unit && strsim::jaro_winkler(x, y) >= ADDRESS_FUZZY_JW {
-                    AddressLevel::Fuzzy
-                } else {
-                    AddressLevel::Disagree
-                }
-            } else if x == y {
-                if other_unit {
+            if x == y && matches!(zips, None | Some(Closeness::Same)) {
+                return if other_unit {
                     AddressLevel::Area
                 } else {
                     AddressLevel::Exact
+                };
+            }
+            let line_close = x == y || street_lines_close(x, y);
+            match zips {
+                Some(Closeness::Same) if line_close && !other_unit => AddressLevel::Fuzzy,
+                Some(Closeness::Same) => AddressLevel::Area,
+                // A ZIP one slip away, or another or none in the same town: the same street
+                // line is a typo, not a move. Another town is another address.
+                Some(Closeness::Close) if city != Some(Closeness::Different) => {
+                    if line_close && !other_unit {
+                        AddressLevel::Fuzzy
+                    } else {
+                        AddressLevel::Disagree
+                    }
                 }
-            } else if zips == Some(true) {
-                if strsim::jaro_winkler(x, y) >= ADDRESS_FUZZY_JW && !other_unit {
+                Some(Closeness::Different) | None if city_agrees && line_close && !other_unit => {
                     AddressLevel::Fuzzy
-                } else {
-                    AddressLevel::Area
                 }
-            } else {
-                AddressLevel::Disagree
+                _ => AddressLevel::Disagree,
             }
         }
         _ => match zips {
-            Some(true) => AddressLevel::Area,
-            Some(false) => AddressLevel::Disagree,
+            Some(Closeness::Same) => AddressLevel::Area,
+            Some(_) => AddressLevel::Disagree,
             None => AddressLevel::Missing,
         },
     }
+}
+
+/// How close two short values are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closeness {
+    Same,
+    Close,
+    Different,
+}
+
+/// Two codes of one length that differ in one character or in two neighbouring ones swapped
+/// (a mistyped ZIP or postcode).
+fn one_slip(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.len() >= 3 && strsim::osa_distance(a, b) == 1
+}
+
+/// Town names that are one typo or a misplaced space apart.
+fn words_close(a: &str, b: &str) -> bool {
+    let squeeze = |s: &str| s.replace(' ', "");
+    let (x, y) = (squeeze(a), squeeze(b));
+    x == y || strsim::jaro_winkler(&x, &y) >= ADDRESS_FUZZY_JW || {
+        x.len().min(y.len()) >= 5 && strsim::osa_distance(&x, &y) <= 1
+    }
+}
+
+/// Street lines that are the same address written with a typo, a misplaced space, its parts in
+/// another order or one part left out: the house numbers agree (or one side has none) and the
+/// letters of the shorter line nearly all occur, as neighbouring pairs, in the longer one.
+fn street_lines_close(a: &str, b: &str) -> bool {
+    if strsim::jaro_winkler(a, b) >= ADDRESS_FUZZY_JW {
+        return numbers_agree(a, b);
+    }
+    if !numbers_agree(a, b) {
+        return false;
+    }
+    let letters = |s: &str| -> Vec<u8> { s.bytes().filter(|c| c.is_ascii_alphabetic()).collect() };
+    let (x, y) = (letters(a), letters(b));
+    let (short, long) = if x.len() <= y.len() { (x, y) } else { (y, x) };
+    if short.len() < 6 {
+        return false;
+    }
+    let mut pool: Vec<[u8; 2]> = long.windows(2).map(|w| [w[0], w[1]]).collect();
+    pool.sort_unstable();
+    let mut found = 0usize;
+    let total = short.len() - 1;
+    for w in short.windows(2) {
+        if let Ok(i) = pool.binary_search(&[w[0], w[1]]) {
+            pool.remove(i);
+            found += 1;
+        }
+    }
+    found * 10 >= total * 8
+}
+
+/// The house numbers (words with digits) of two street lines are the same, or one line has
+/// none.
+fn numbers_agree(a: &str, b: &str) -> bool {
+    let numbers = |s: &str| -> Vec<String> {
+        let mut v: Vec<String> = s
+            .split(' ')
+            .filter(|w| w.bytes().any(|c| c.is_ascii_digit()))
+            .map(String::from)
+            .collect();
+        v.sort();
+        v
+    };
+    let (x, y) = (numbers(a), numbers(b));
+    x.is_empty() || y.is_empty() || x == y
 }
 
 /// Scores two sets of person fields against each other, for explaining a decision (the review

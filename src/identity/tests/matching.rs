@@ -398,6 +398,7 @@ fn birth_date_typos_go_to_review_even_with_strong_evidence() {
         ("year digit", "1997-03-08", "1992-03-08"),
         ("year off by one", "1990-03-08", "1991-03-08"),
         ("month digit", "1990-03-08", "1990-08-08"),
+        ("neighbouring digits swapped", "1990-03-12", "1990-03-21"),
     ];
     for (name, a, b) in cases {
         let d = decide_one(
@@ -656,6 +657,9 @@ fn birth_date_levels_reward_plausible_typos_only() {
         ("1980-03-05", "1980-03-15", "one_digit"),
         ("1980-03-05", "1980-08-05", "one_digit"),
         ("1980-03-05", "1983-03-05", "one_digit"),
+        ("1984-10-05", "1984-01-05", "digits_swapped"),
+        ("1950-04-04", "1905-04-04", "disagree"), // decade and year: a parent and child
+        ("1980-03-12", "1980-03-21", "digits_swapped"),
         ("1950-04-04", "1980-04-04", "disagree"),
         ("1980-03-05", "1975-11-20", "disagree"),
     ];
@@ -947,6 +951,11 @@ fn true_matches_share_a_blocking_key() {
             P::new("Robert", "Smith-Jones").dob("1980-03-05"),
         ),
         ("particles", P::new("Robert", "de Smith").dob("1980-03-05")),
+        ("family typo, birth date missing", P::new("Robert", "Smyth")),
+        (
+            "given typo, birth date mistyped",
+            P::new("Robrt", "Smith").dob("1980-08-05"),
+        ),
     ];
     for (name, other) in cases {
         assert!(share_a_key(&base, &other), "{name}");
@@ -965,6 +974,15 @@ fn true_matches_share_a_blocking_key() {
     assert!(share_a_key(
         &a,
         &P::new("Jenny", "Jones").phone("+1 415 555 2671")
+    ));
+    // Both names changed, no contact: the birth date and ZIP.
+    assert!(share_a_key(
+        &P::new("Robert", "Smith")
+            .dob("1980-03-05")
+            .address("1 Elm St", "62704"),
+        &P::new("Rupert", "Jones")
+            .dob("1980-03-05")
+            .address("9 Oak Ave", "62704")
     ));
 }
 
@@ -1009,12 +1027,9 @@ fn blocking_keys_have_the_documented_shape() {
         "dg:1980-03-05|b",
         "dg:1980-03-05|r",
         "em:bob@gmail.com",
-        "nm:garcia|robert",
-        "nm:garcia|roberto",
-        "nm:garcialopez|robert",
-        "nm:garcialopez|roberto",
-        "nm:lopez|robert",
-        "nm:lopez|roberto",
+        "nm:g620|r163", // soundex of each family word and of the formal given names
+        "nm:g624|r163",
+        "nm:l120|r163",
         "ph:+14155552671",
         "src:healthie:h-1",
         "xid:emr:42",
@@ -1024,6 +1039,9 @@ fn blocking_keys_have_the_documented_shape() {
     assert_eq!(keys, want);
     assert!(keys.windows(2).all(|w| w[0] < w[1]), "sorted and unique");
     assert_eq!(blocking_keys(&p.0, &cfg), keys, "stable");
+    // With a ZIP, the birth date and ZIP key too.
+    let keys = blocking_keys(&p.address("1 Elm St", "62704-0001").0, &cfg);
+    assert!(keys.contains(&"dz:1980-03-05|62704".to_string()));
 }
 
 #[test]
@@ -1042,7 +1060,7 @@ fn blocking_keys_skip_placeholders_and_shared_contacts() {
     let p = P::new("Ann", "Lee")
         .email("Desk@Clinic.com")
         .phone("(217) 555-3000");
-    assert_eq!(blocking_keys(&p.0, &cfg), ["nm:lee|anne"]);
+    assert_eq!(blocking_keys(&p.0, &cfg), ["nm:l000|a500"]);
 }
 
 #[test]
@@ -1226,4 +1244,99 @@ fn a_mistyped_zip_in_the_same_city_is_a_fuzzy_address_and_another_city_disagrees
     assert_eq!(level(&home, &elsewhere), "disagree");
     let other_street = P::new("Ana", "Lopez").address("480 Lake Shore Drive", "62740");
     assert_eq!(level(&home, &other_street), "disagree");
+}
+
+#[test]
+fn street_lines_written_differently_are_a_fuzzy_address_and_other_houses_are_not() {
+    let level = |a: &P, b: &P| {
+        explain(&a.0, &b.0, &MatchConfig::default())
+            .contributions
+            .iter()
+            .find(|c| c.field == "address")
+            .map(|c| c.level)
+            .unwrap()
+    };
+    let with_line2 = |line1: &str, line2: Option<&str>, city: &str, zip: &str| {
+        let mut p = P::new("Ana", "Lopez").address(line1, zip);
+        p.0.address.line2 = line2.map(String::from);
+        p.0.address.city = Some(city.into());
+        p
+    };
+    let home = with_line2("69 Giblin Street", Some("Killarney"), "Bittern", "4814");
+    let fuzzy = [
+        (
+            "building name left out",
+            with_line2("69 Giblin Street", None, "Bittern", "4814"),
+        ),
+        (
+            "parts in the other order",
+            with_line2("69 Killarney", Some("Giblin Street"), "Bittern", "4814"),
+        ),
+        (
+            "misplaced space",
+            with_line2("69 Giblin S treet", Some("Kil larney"), "Bittern", "4814"),
+        ),
+        (
+            "postcode digits swapped",
+            with_line2("69 Giblin Street", Some("Killarney"), "Bittern", "4841"),
+        ),
+        (
+            "postcode and town typos",
+            with_line2("69 Giblin Street", Some("Killarney"), "Bitern", "4841"),
+        ),
+    ];
+    for (name, other) in &fuzzy {
+        assert_eq!(level(&home, other), "fuzzy", "{name}");
+    }
+    let not_fuzzy = [
+        (
+            "another house",
+            with_line2("71 Giblin Street", Some("Killarney"), "Bittern", "4814"),
+            "same_area",
+        ),
+        (
+            "another street",
+            with_line2("69 Marconi Crescent", None, "Bittern", "4814"),
+            "same_area",
+        ),
+        (
+            "another town",
+            with_line2("69 Giblin Street", Some("Killarney"), "Malvern", "4841"),
+            "disagree",
+        ),
+        (
+            "far away",
+            with_line2("69 Giblin Street", Some("Killarney"), "Bittern", "2600"),
+            "fuzzy",
+        ),
+    ];
+    for (name, other, want) in &not_fuzzy {
+        assert_eq!(level(&home, other), *want, "{name}");
+    }
+}
+
+#[test]
+fn swapped_names_with_a_typo_compare_as_swapped_and_score_less() {
+    let levels = |a: &P, b: &P| {
+        let s = explain(&a.0, &b.0, &MatchConfig::default());
+        (
+            s.contributions[0].level,
+            s.contributions[1].level,
+            s.contributions[0].weight + s.contributions[1].weight,
+        )
+    };
+    let exact = levels(&P::new("Smith", "Robert"), &robert());
+    let typo = levels(&P::new("Smith", "Robrt"), &robert());
+    assert_eq!((exact.0, exact.1), ("swapped", "swapped"));
+    assert_eq!((typo.0, typo.1), ("swapped", "swapped"));
+    assert!(typo.2 > 0.0 && typo.2 < exact.2);
+    // Both names mistyped as well as swapped: no swap.
+    let s = levels(&P::new("Smyth", "Robrt"), &robert());
+    assert_eq!(s.0, "disagree");
+    // Twins share the family name, so a swap is never how they compare.
+    let d = decide_one(
+        P::new("Liam", "Nguyen").dob("2010-06-01"),
+        P::new("Noah", "Nguyen").dob("2010-06-01"),
+    );
+    assert_eq!(d.target, LinkTarget::NewPatient);
 }
