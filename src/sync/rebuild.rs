@@ -797,6 +797,8 @@ async fn load(
     let mut key_offsets = vec![0u32];
     let mut fingerprints = Vec::new();
     let mut after: Option<SourceKey> = None;
+    // The same number comes back from several systems: each is parsed once for the whole load.
+    let phones = identity::PhoneMemo::new(&settings.matching.default_region);
     type Computed = (identity::Prepared, Vec<u64>, Fingerprint);
     loop {
         let page = store
@@ -810,6 +812,7 @@ async fn load(
                 .chunks(chunk)
                 .map(|part| {
                     scope.spawn(|| {
+                        let _phones = phones.install();
                         let mut packed = compact::Records::default();
                         let computed = part
                             .iter()
@@ -869,8 +872,10 @@ async fn load(
 
     info!(
         records = prepared.len(),
+        distinct_phones = phones.len(),
         "Rebuild read and prepared the source records."
     );
+    drop(phones);
     let mut loaded = Loaded {
         current: vec![None; prepared.len()],
         records,
