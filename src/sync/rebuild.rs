@@ -8,15 +8,18 @@
 //!    payload (matching and survivorship read normalized fields only). Each page is prepared
 //!    for matching on every core (`identity::Prepared`: normalized profile, packed into one
 //!    string, and trusted ids), packed for survivorship with its phone choice (module
-//!    `compact`; phones are parsed once) and dropped. Blocking keys, computed from the
-//!    prepared records, are kept as 64-bit hashes in one sorted array `(hash, record)` with a
-//!    bucket table; a hash collision only adds a candidate that `decide` then turns down.
+//!    `compact`; each distinct phone number is parsed once per load, through an
+//!    [`identity::PhoneMemo`] the loading threads share) and dropped. Blocking keys, computed
+//!    from the prepared records, are kept as 64-bit hashes in one sorted array
+//!    `(hash, record)` with a bucket table; a hash collision only adds a candidate that
+//!    `decide` then turns down.
 //!    Current links and rejected pairs are read in pages too.
 //! 2. **Cluster** in key order, the way records would arrive one by one: an admin-linked record
 //!    goes to its patient's cluster; a record an upstream merged away follows its surviving
 //!    record; any other record runs [`identity::decide_prepared`] (the same ladder as
-//!    `decide`, nothing normalized again) against the clusters its keys reach.
-//!    A cluster is rejected for a record when an admin rejected the pair in either direction.
+//!    `decide`, nothing normalized again) against the clusters its keys reach, each cluster's
+//!    candidate view (label and records) kept from one decision to the next. A cluster is
+//!    rejected for a record when an admin rejected the pair in either direction.
 //! 3. **Name** each cluster: an admin's patient keeps its id; any other cluster takes the
 //!    patient most of its records are linked to now (largest first, each id used once), or a
 //!    new id. So a record keeps its patient when the new decision agrees, and only links whose
