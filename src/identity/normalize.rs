@@ -267,6 +267,14 @@ pub fn is_placeholder_email(email: &str) -> bool {
 /// A phone number in E.164 (`+14155552671`), extension dropped; numbers without a country code
 /// are read in `region` (ISO 3166 alpha-2, e.g. `US`). `None` when it is not a valid number.
 pub fn phone_e164(raw: &str, region: &str) -> Option<String> {
+    // A bulk caller's memo (see [`PhoneMemo`]) answers numbers it has seen in any format.
+    if let Some(answer) = MEMO.with(|m| {
+        m.borrow()
+            .as_ref()
+            .and_then(|memo| memo.answer(raw, region))
+    }) {
+        return answer;
+    }
     // Parsing is the costliest step of preparing a record, and the same numbers come back
     // (each candidate's records, then survivorship), so recent answers are remembered per
     // thread. The answer depends on the arguments alone.
@@ -290,7 +298,150 @@ pub fn phone_e164(raw: &str, region: &str) -> Option<String> {
     answer
 }
 
+thread_local! {
+    /// The memo [`PhoneMemo::install`] put on this thread, if any.
+    static MEMO: std::cell::RefCell<Option<std::sync::Arc<PhoneMemo>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Answers of [`phone_e164`] for one region, shared by threads that parse many numbers (a
+/// rebuild's load) and kept only while the caller holds it: the same number comes back from
+/// several systems, often written differently.
+///
+/// Only plain inputs are remembered, by their digits and whether they start with `+`: ASCII
+/// digits, spaces, `-`, `.`, `(` and `)`, at most 17 digits, and `+` only first. A `+` number
+/// with `-`, `.` or parentheses but no space is left out (it may be read as an RFC 3966
+/// number, whose country code ends at the first separator). Anything else (letters, so an
+/// extension, `#`, `/`, non-ASCII) is parsed as usual. The `phonenumber` crate strips these
+/// separators before reading the digits, so a plain input's answer depends on its key alone;
+/// a test compares both paths over many formats.
+pub struct PhoneMemo {
+    region: String,
+    /// Key (see [`PhoneMemo::key`]) to answer: 0 for `None`, else the E.164 digits and their
+    /// count (see [`PhoneMemo::pack`]).
+    answers: std::sync::Mutex<std::collections::HashMap<u64, u64>>,
+}
+
+/// Restores a thread's previous memo when dropped.
+pub struct PhoneMemoGuard {
+    previous: Option<std::sync::Arc<PhoneMemo>>,
+}
+
+impl Drop for PhoneMemoGuard {
+    fn drop(&mut self) {
+        let previous = self.previous.take();
+        MEMO.with(|m| *m.borrow_mut() = previous);
+    }
+}
+
+impl PhoneMemo {
+    /// An empty memo for numbers read in `region` (calls for another region pass it by).
+    pub fn new(region: &str) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(PhoneMemo {
+            region: region.to_string(),
+            answers: std::sync::Mutex::new(std::collections::HashMap::new()),
+        })
+    }
+
+    /// Makes [`phone_e164`] on this thread consult and fill the memo until the guard drops.
+    pub fn install(self: &std::sync::Arc<Self>) -> PhoneMemoGuard {
+        let previous = MEMO.with(|m| m.borrow_mut().replace(self.clone()));
+        PhoneMemoGuard { previous }
+    }
+
+    /// How many numbers are remembered.
+    pub fn len(&self) -> usize {
+        self.answers.lock().expect("phone memo lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The answer for a plain input; `None` when the input is not plain or the region differs
+    /// (the caller then parses as usual).
+    fn answer(&self, raw: &str, region: &str) -> Option<Option<String>> {
+        if region != self.region {
+            return None;
+        }
+        let key = Self::key(raw)?;
+        if let Some(&packed) = self.answers.lock().expect("phone memo lock").get(&key) {
+            return Some(Self::unpack(packed));
+        }
+        let answer = parse_e164(raw, region);
+        if let Some(packed) = Self::pack(answer.as_deref()) {
+            self.answers
+                .lock()
+                .expect("phone memo lock")
+                .insert(key, packed);
+        }
+        Some(answer)
+    }
+
+    /// The digits as a number, their count (leading zeros count) and a bit for a leading `+`;
+    /// `None` for anything but a plain input.
+    fn key(raw: &str) -> Option<u64> {
+        let s = raw.trim_matches(|c: char| c.is_ascii_whitespace());
+        let (plus, rest) = match s.strip_prefix('+') {
+            Some(rest) => (true, rest),
+            None => (false, s),
+        };
+        let (mut value, mut count) = (0u64, 0u64);
+        let (mut space, mut other_separator) = (false, false);
+        for b in rest.bytes() {
+            match b {
+                b'0'..=b'9' => {
+                    count += 1;
+                    if count > 17 {
+                        return None;
+                    }
+                    value = value * 10 + u64::from(b - b'0');
+                }
+                b' ' => space = true,
+                b'-' | b'.' | b'(' | b')' => other_separator = true,
+                _ => return None,
+            }
+        }
+        if count == 0 || (plus && other_separator && !space) {
+            return None;
+        }
+        Some(value | (count << 57) | (u64::from(plus) << 62))
+    }
+
+    /// `+` and up to 17 digits as their value and count; 0 for `None`; `None` when it does not
+    /// fit (then it is not remembered).
+    fn pack(answer: Option<&str>) -> Option<u64> {
+        let Some(e164) = answer else { return Some(0) };
+        let digits = e164.strip_prefix('+')?;
+        if digits.is_empty() || digits.len() > 17 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let value: u64 = digits.parse().ok()?;
+        Some(value | ((digits.len() as u64) << 57))
+    }
+
+    fn unpack(packed: u64) -> Option<String> {
+        if packed == 0 {
+            return None;
+        }
+        let count = (packed >> 57) as usize;
+        let value = packed & ((1 << 57) - 1);
+        Some(format!("+{value:0count$}"))
+    }
+}
+
+/// Compiled patterns the `phonenumber` crate keeps: its default of 100 is fewer than reading a
+/// North American number can use (about 115: the US patterns, then the leading digits of every
+/// other `+1` region), so a full cache evicts and compiles patterns again number after number.
+const PHONE_PATTERNS_CACHED: usize = 256;
+
 fn parse_e164(raw: &str, region: &str) -> Option<String> {
+    static CACHE_SIZE: std::sync::Once = std::sync::Once::new();
+    CACHE_SIZE.call_once(|| {
+        if let Ok(mut cache) = phonenumber::metadata::DATABASE.cache().lock() {
+            cache.set_capacity(PHONE_PATTERNS_CACHED);
+        }
+    });
     let region = region
         .trim()
         .to_ascii_uppercase()
@@ -761,6 +912,137 @@ mod tests {
         for (raw, region, want) in cases {
             assert_eq!(phone_e164(raw, region).as_deref(), want, "{raw}");
         }
+    }
+
+    /// Every way the tests below write a number: separators, parentheses, a country code with
+    /// and without `+`, and inputs the memo must leave to the parser (extensions, letters,
+    /// slashes, RFC 3966 forms).
+    fn phone_formats(area: u32, exchange: u32, line: u32) -> Vec<String> {
+        let (a, e, l) = (area, exchange, line);
+        vec![
+            format!("{a}{e:03}{l:04}"),
+            format!("({a}) {e:03}-{l:04}"),
+            format!("({a}){e:03}-{l:04}"),
+            format!("{a}-{e:03}-{l:04}"),
+            format!("{a}.{e:03}.{l:04}"),
+            format!("{a} {e:03} {l:04}"),
+            format!("  {a}{e:03}{l:04} "),
+            format!("1{a}{e:03}{l:04}"),
+            format!("1-{a}-{e:03}-{l:04}"),
+            format!("1 ({a}) {e:03} {l:04}"),
+            format!("+1{a}{e:03}{l:04}"),
+            format!("+1 {a} {e:03} {l:04}"),
+            format!("+1 ({a}) {e:03}-{l:04}"),
+            format!("+1-{a}-{e:03}-{l:04}"),
+            format!("+1.{a}.{e:03}.{l:04}"),
+            format!("+1({a}){e:03}{l:04}"),
+            format!("+{a}{e:03}{l:04}"),
+            format!("+{a} {e:03} {l:04}"),
+            format!("+{a}-{e:03}-{l:04}"),
+            format!("011 44 {a}{e:03}{l:04}"),
+            format!("0{a}{e:03}{l:04}"),
+            format!("00{a}{e:03}{l:04}"),
+            format!("{a}{e:03}{l:04} ext. 12"),
+            format!("{a}{e:03}{l:04}x9"),
+            format!("{a}-{e:03}-{l:04} #12"),
+            format!("{a}/{e:03}/{l:04}"),
+            format!("tel:+1-{a}-{e:03}-{l:04}"),
+            format!("{e:03}-{l:04}"),
+            format!("{l:04}"),
+            format!("{a}{e:03}{l:04}{l:04}"),
+            format!("(({a})) {e:03}--{l:04}."),
+            format!("{a}{e:03}{l:04}{l:04}{l:04}{l:04}"),
+        ]
+    }
+
+    #[test]
+    fn phone_memo_answers_as_the_parser_does() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut numbers: Vec<(u32, u32, u32)> = (0..150)
+            .map(|_| {
+                (
+                    rng.gen_range(200..1000),
+                    rng.gen_range(0..1000),
+                    rng.gen_range(0..10_000),
+                )
+            })
+            .collect();
+        // Valid numbers, a fictional one, a London one (read with a `+`), a toll-free one.
+        numbers.extend([
+            (415, 555, 2671),
+            (212, 555, 123),
+            (207, 946, 958),
+            (800, 555, 199),
+        ]);
+        let mut inputs: Vec<String> = numbers
+            .iter()
+            .flat_map(|&(a, e, l)| phone_formats(a, e, l))
+            .collect();
+        inputs.extend(
+            [
+                "+44 20 7946 0958",
+                "+442079460958",
+                "020 7946 0958",
+                "+0",
+                "+",
+                "",
+                "-",
+                "()",
+            ]
+            .map(String::from),
+        );
+        for region in ["US", "GB"] {
+            let memo = PhoneMemo::new(region);
+            let _installed = memo.install();
+            // Twice: the second pass answers from the memo.
+            for pass in 0..2 {
+                for raw in &inputs {
+                    for asked in [region, "US", "GB"] {
+                        assert_eq!(
+                            phone_e164(raw, asked),
+                            parse_e164(raw, asked),
+                            "{raw} in {asked}, pass {pass}"
+                        );
+                    }
+                }
+            }
+            assert!(!memo.is_empty());
+        }
+        // Uninstalled when the guard dropped: nothing is remembered any more.
+        let memo = PhoneMemo::new("US");
+        drop(memo.install());
+        phone_e164("(415) 555-2671", "US");
+        assert!(memo.is_empty());
+    }
+
+    #[test]
+    fn phone_memo_keys_only_plain_inputs() {
+        let key = PhoneMemo::key;
+        assert_eq!(key("(415) 555-2671"), key("415.555.2671"));
+        assert_eq!(key("415 555 2671 "), key("4155552671"));
+        assert_eq!(key("+1 415 555 2671"), key("+14155552671"));
+        assert_ne!(key("+14155552671"), key("14155552671"));
+        assert_ne!(key("04155552671"), key("4155552671"));
+        for raw in [
+            "+1-415-555-2671",
+            "4155552671 x9",
+            "415/555/2671",
+            "tel:4155552671",
+            "1+4155552671",
+            "123456789012345678",
+            "",
+            "+",
+        ] {
+            assert_eq!(key(raw), None, "{raw}");
+        }
+        for e164 in ["+14155552671", "+442079460958", "+390612345678"] {
+            assert_eq!(
+                PhoneMemo::unpack(PhoneMemo::pack(Some(e164)).unwrap()).as_deref(),
+                Some(e164)
+            );
+        }
+        assert_eq!(PhoneMemo::unpack(PhoneMemo::pack(None).unwrap()), None);
     }
 
     #[test]

@@ -8,15 +8,18 @@
 //!    payload (matching and survivorship read normalized fields only). Each page is prepared
 //!    for matching on every core (`identity::Prepared`: normalized profile, packed into one
 //!    string, and trusted ids), packed for survivorship with its phone choice (module
-//!    `compact`; phones are parsed once) and dropped. Blocking keys, computed from the
-//!    prepared records, are kept as 64-bit hashes in one sorted array `(hash, record)` with a
-//!    bucket table; a hash collision only adds a candidate that `decide` then turns down.
+//!    `compact`; each distinct phone number is parsed once per load, through an
+//!    [`identity::PhoneMemo`] the loading threads share) and dropped. Blocking keys, computed
+//!    from the prepared records, are kept as 64-bit hashes in one sorted array
+//!    `(hash, record)` with a bucket table; a hash collision only adds a candidate that
+//!    `decide` then turns down.
 //!    Current links and rejected pairs are read in pages too.
 //! 2. **Cluster** in key order, the way records would arrive one by one: an admin-linked record
 //!    goes to its patient's cluster; a record an upstream merged away follows its surviving
 //!    record; any other record runs [`identity::decide_prepared`] (the same ladder as
-//!    `decide`, nothing normalized again) against the clusters its keys reach.
-//!    A cluster is rejected for a record when an admin rejected the pair in either direction.
+//!    `decide`, nothing normalized again) against the clusters its keys reach, each cluster's
+//!    candidate view (label and records) kept from one decision to the next. A cluster is
+//!    rejected for a record when an admin rejected the pair in either direction.
 //! 3. **Name** each cluster: an admin's patient keeps its id; any other cluster takes the
 //!    patient most of its records are linked to now (largest first, each id used once), or a
 //!    new id. So a record keeps its patient when the new decision agrees, and only links whose
@@ -32,7 +35,7 @@
 //!
 //! Run it with the workers stopped: it reads a snapshot and writes its result in batches.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Instant;
@@ -186,6 +189,51 @@ struct Cluster {
     members: Vec<u32>,
     /// The admin-linked patient this cluster is.
     seed: Option<u32>,
+}
+
+/// Each cluster as `decide_prepared` sees it, kept while clustering so a decision borrows them
+/// instead of building a label and a record list for every candidate every time.
+#[derive(Default)]
+struct Views<'a> {
+    /// By cluster; the label (the cluster number, zero-padded so labels sort as numbers) is
+    /// set when the cluster is first a candidate.
+    views: Vec<PreparedCandidate<'a>>,
+}
+
+impl<'a> Views<'a> {
+    fn empty() -> PreparedCandidate<'a> {
+        PreparedCandidate {
+            patient_id: PatientId(String::new()),
+            records: Vec::new(),
+            rejected: false,
+        }
+    }
+
+    /// Cluster `c` gained a record.
+    fn add(&mut self, c: u32, record: &'a identity::Prepared) {
+        let c = c as usize;
+        if self.views.len() <= c {
+            self.views.resize_with(c + 1, Self::empty);
+        }
+        self.views[c].records.push(record);
+    }
+
+    /// Moves cluster `c`'s view out, labelled, until [`Views::put`] gives it back.
+    fn take(&mut self, c: u32) -> PreparedCandidate<'a> {
+        let c_us = c as usize;
+        if self.views.len() <= c_us {
+            self.views.resize_with(c_us + 1, Self::empty);
+        }
+        let mut view = std::mem::replace(&mut self.views[c_us], Self::empty());
+        if view.patient_id.0.is_empty() {
+            view.patient_id = PatientId(format!("{c:010}"));
+        }
+        view
+    }
+
+    fn put(&mut self, c: u32, view: PreparedCandidate<'a>) {
+        self.views[c as usize] = view;
+    }
 }
 
 /// Interned patient ids.
@@ -445,7 +493,7 @@ pub async fn rebuild(
 
     // Canonical rows: every stored row is compared with its recomputation, on a thread of its
     // own while this task reads stored rows and writes the results.
-    let mut loaded = Arc::new(loaded);
+    let loaded = Arc::new(loaded);
     let rows = Rows::new(&loaded, clusters, &names, &cluster_of, settings, now);
     let rows = write_rows(store, &mut writer, Arc::new(rows), options.page_size).await?;
     report.patients_updated = rows.updated;
@@ -489,30 +537,20 @@ pub async fn rebuild(
         && rewrite.len() >= options.bulk_keys_min
         && rewrite.iter().all(|&i| stored[i as usize].is_none());
     drop(stored);
-    // A fresh start (no record has keys stored, many to write): every key goes in at once, in
-    // key order, so the index B-trees fill in order instead of at random places.
-    let sorted = match fresh {
-        true => {
-            // What the keys need is left: free the rest first.
-            let mut rest = Arc::try_unwrap(loaded)
-                .unwrap_or_else(|_| panic!("the row thread is done with the records"));
-            rest.records = compact::Records::default();
-            rest.index = Vec::new();
-            rest.key_hashes = Vec::new();
-            rest.buckets = Vec::new();
-            loaded = Arc::new(rest);
-            SortedKeys::new(&loaded.prepared, &rewrite)
-        }
-        false => None,
-    };
-    match sorted {
-        Some(sorted) => writer.fresh_keys(&sorted, &loaded.prepared).await?,
-        None => {
-            for &i in &rewrite {
-                let prepared = &loaded.prepared[i as usize];
-                let keys = prepared.record_blocking_keys();
-                writer.keys(prepared.key.clone(), keys).await?;
-            }
+    if fresh {
+        // A fresh start (no record has keys stored, many to write): every key goes in at once,
+        // in key order, so the index B-trees fill in order instead of at random places. Only
+        // the keys are needed now: the rest is freed first, and each prepared record as soon
+        // as its keys are out.
+        let Loaded { prepared, .. } = Arc::try_unwrap(loaded)
+            .unwrap_or_else(|_| panic!("the row thread is done with the records"));
+        let (sorted, keys) = SortedKeys::new(prepared, &rewrite);
+        writer.fresh_keys(&sorted, &keys).await?;
+    } else {
+        for &i in &rewrite {
+            let prepared = &loaded.prepared[i as usize];
+            let keys = prepared.record_blocking_keys();
+            writer.keys(prepared.key.clone(), keys).await?;
         }
     }
     writer.finish().await?;
@@ -531,34 +569,54 @@ pub async fn rebuild(
 
 /// The blocking keys of many records, in key order: each key once in `text` (a 4-byte length,
 /// then the key), `rows` of `(where in text, record)` sorted by key then record.
+#[derive(Default)]
 struct SortedKeys {
     text: Vec<u8>,
     rows: Vec<(u32, u32)>,
 }
 
 impl SortedKeys {
-    /// `None` when the keys would not fit 32-bit offsets (then they are written record by
-    /// record).
-    fn new(prepared: &[identity::Prepared], records: &[u32]) -> Option<Self> {
-        let mut text = Vec::new();
-        let mut rows = Vec::new();
+    /// The keys of `records` (indexes into `prepared`), in runs of at most 4 GiB of text (one
+    /// run below tens of millions of records), each sorted; and every record's key. Each
+    /// prepared record is dropped once its keys are out.
+    fn new(prepared: Vec<identity::Prepared>, records: &[u32]) -> (Vec<Self>, Vec<SourceKey>) {
+        let mut wanted = vec![false; prepared.len()];
         for &i in records {
-            for key in prepared[i as usize].record_blocking_keys() {
-                let at = u32::try_from(text.len()).ok()?;
-                let len = u32::try_from(key.len()).ok()?;
-                text.extend_from_slice(&len.to_le_bytes());
-                text.extend_from_slice(key.as_bytes());
-                rows.push((at, i));
-            }
+            wanted[i as usize] = true;
         }
-        u32::try_from(text.len()).ok()?;
-        let mut sorted = SortedKeys { text, rows };
-        let mut rows = std::mem::take(&mut sorted.rows);
+        let mut runs = Vec::new();
+        let mut run = SortedKeys::default();
+        let mut keys = Vec::with_capacity(prepared.len());
+        for (i, p) in prepared.into_iter().enumerate() {
+            if wanted[i] {
+                for key in p.record_blocking_keys() {
+                    let at = match u32::try_from(run.text.len() + 4 + key.len()) {
+                        Ok(_) => run.text.len() as u32,
+                        Err(_) => {
+                            runs.push(std::mem::take(&mut run).sorted());
+                            0
+                        }
+                    };
+                    let len = key.len() as u32;
+                    run.text.extend_from_slice(&len.to_le_bytes());
+                    run.text.extend_from_slice(key.as_bytes());
+                    run.rows.push((at, i as u32));
+                }
+            }
+            keys.push(p.key);
+        }
+        runs.push(run.sorted());
+        (runs, keys)
+    }
+
+    fn sorted(mut self) -> Self {
+        let mut rows = std::mem::take(&mut self.rows);
         // Bytewise, as SQLite compares text; the records in key order (`prepared` order is
         // `(source, source_id)` order) break ties.
-        rows.sort_unstable_by(|a, b| sorted.key(a.0).cmp(sorted.key(b.0)).then(a.1.cmp(&b.1)));
-        sorted.rows = rows;
-        Some(sorted)
+        rows.sort_unstable_by(|a, b| self.key(a.0).cmp(self.key(b.0)).then(a.1.cmp(&b.1)));
+        self.rows = rows;
+        self.text.shrink_to_fit();
+        self
     }
 
     fn key(&self, at: u32) -> &str {
@@ -797,6 +855,8 @@ async fn load(
     let mut key_offsets = vec![0u32];
     let mut fingerprints = Vec::new();
     let mut after: Option<SourceKey> = None;
+    // The same number comes back from several systems: each is parsed once for the whole load.
+    let phones = identity::PhoneMemo::new(&settings.matching.default_region);
     type Computed = (identity::Prepared, Vec<u64>, Fingerprint);
     loop {
         let page = store
@@ -810,6 +870,7 @@ async fn load(
                 .chunks(chunk)
                 .map(|part| {
                     scope.spawn(|| {
+                        let _phones = phones.install();
                         let mut packed = compact::Records::default();
                         let computed = part
                             .iter()
@@ -869,8 +930,10 @@ async fn load(
 
     info!(
         records = prepared.len(),
+        distinct_phones = phones.len(),
         "Rebuild read and prepared the source records."
     );
+    drop(phones);
     let mut loaded = Loaded {
         current: vec![None; prepared.len()],
         records,
@@ -936,10 +999,20 @@ fn cluster(loaded: &Loaded, settings: &IdentitySettings, options: &RebuildOption
     let mut rules = Rules::default();
     let mut proposals = Vec::new();
 
-    let assign = |cluster_of: &mut Vec<u32>, clusters: &mut Vec<Cluster>, i: u32, c: u32| {
+    let mut views = Views::default();
+    let mut scratch = Vec::new();
+    fn assign<'a>(
+        loaded: &'a Loaded,
+        cluster_of: &mut [u32],
+        clusters: &mut [Cluster],
+        views: &mut Views<'a>,
+        i: u32,
+        c: u32,
+    ) {
         cluster_of[i as usize] = c;
         clusters[c as usize].members.push(i);
-    };
+        views.add(c, &loaded.prepared[i as usize]);
+    }
 
     // Admin-linked records first: each admin patient is one cluster from the start, so records
     // before them in key order can already meet them.
@@ -952,7 +1025,7 @@ fn cluster(loaded: &Loaded, settings: &IdentitySettings, options: &RebuildOption
                 });
                 clusters.len() as u32 - 1
             });
-            assign(&mut cluster_of, &mut clusters, i, c);
+            assign(loaded, &mut cluster_of, &mut clusters, &mut views, i, c);
         }
     }
     // Records an upstream merged away follow their surviving record, after everything else.
@@ -979,6 +1052,8 @@ fn cluster(loaded: &Loaded, settings: &IdentitySettings, options: &RebuildOption
             i,
             &mut cluster_of,
             &mut clusters,
+            &mut views,
+            &mut scratch,
             &mut decided,
             &mut rules,
             &mut proposals,
@@ -997,7 +1072,7 @@ fn cluster(loaded: &Loaded, settings: &IdentitySettings, options: &RebuildOption
         }
         let c = cluster_of[t as usize];
         if c != NONE {
-            assign(&mut cluster_of, &mut clusters, i, c);
+            assign(loaded, &mut cluster_of, &mut clusters, &mut views, i, c);
             decided[i as usize] = Some(Decided {
                 method: LinkMethod::SourceMerge,
                 rule: rules.intern(Some("source_merged")),
@@ -1012,6 +1087,8 @@ fn cluster(loaded: &Loaded, settings: &IdentitySettings, options: &RebuildOption
                 i,
                 &mut cluster_of,
                 &mut clusters,
+                &mut views,
+                &mut scratch,
                 &mut decided,
                 &mut rules,
                 &mut proposals,
@@ -1022,19 +1099,21 @@ fn cluster(loaded: &Loaded, settings: &IdentitySettings, options: &RebuildOption
 }
 
 #[allow(clippy::too_many_arguments)]
-fn decide_one(
-    loaded: &Loaded,
+fn decide_one<'a>(
+    loaded: &'a Loaded,
     settings: &IdentitySettings,
     options: &RebuildOptions,
     seeds: &HashMap<u32, u32>,
     i: u32,
     cluster_of: &mut [u32],
     clusters: &mut Vec<Cluster>,
+    views: &mut Views<'a>,
+    reached: &mut Vec<u32>,
     decided: &mut [Option<Decided>],
     rules: &mut Rules,
     proposals: &mut Vec<(u32, u32, f64)>,
 ) {
-    let mut reached: BTreeSet<u32> = BTreeSet::new();
+    reached.clear();
     for &h in loaded.hashes(i) {
         let with_hash = loaded.with_hash(h);
         if with_hash.len() > options.max_key_fanout {
@@ -1043,10 +1122,12 @@ fn decide_one(
         for &(_, j) in with_hash {
             let c = cluster_of[j as usize];
             if j != i && c != NONE {
-                reached.insert(c);
+                reached.push(c);
             }
         }
     }
+    reached.sort_unstable();
+    reached.dedup();
     let mine = loaded.current[i as usize].map(|c| c.patient);
     let candidates: Vec<PreparedCandidate> = reached
         .iter()
@@ -1060,15 +1141,9 @@ fn decide_one(
                         loaded.current[m as usize].is_some_and(|cur| rejected_patient(cur.patient))
                             || mine.is_some_and(|p| loaded.rejected.contains(&(m, p)))
                     }));
-            PreparedCandidate {
-                patient_id: PatientId(format!("{c:010}")),
-                records: cl
-                    .members
-                    .iter()
-                    .map(|&m| &loaded.prepared[m as usize])
-                    .collect(),
-                rejected,
-            }
+            let mut view = views.take(c);
+            view.rejected = rejected;
+            view
         })
         .collect();
     let decision = if candidates.is_empty() {
@@ -1080,6 +1155,9 @@ fn decide_one(
             &settings.matching,
         ))
     };
+    for (&c, view) in reached.iter().zip(candidates) {
+        views.put(c, view);
+    }
     let label = |p: &PatientId| {
         p.as_str()
             .parse::<u32>()
@@ -1126,6 +1204,7 @@ fn decide_one(
     });
     cluster_of[i as usize] = c;
     clusters[c as usize].members.push(i);
+    views.add(c, &loaded.prepared[i as usize]);
     if let Some(d) = decision {
         for review in d.reviews {
             let rc = label(&review.patient_id);
@@ -1296,11 +1375,7 @@ impl<'a> Writer<'a> {
 
     /// Inserts the keys of records with none stored in one transaction, in key order (see
     /// [`StoreTx::match_keys_bulk_load`]).
-    async fn fresh_keys(
-        &mut self,
-        sorted: &SortedKeys,
-        prepared: &[identity::Prepared],
-    ) -> StoreResult<()> {
+    async fn fresh_keys(&mut self, runs: &[SortedKeys], keys: &[SourceKey]) -> StoreResult<()> {
         self.flush().await?;
         let Some(tx) = self.tx().await? else {
             return Ok(());
@@ -1308,13 +1383,15 @@ impl<'a> Writer<'a> {
         tx.match_keys_bulk_load(true).await?;
         // A few statements' worth at a time.
         let mut rows: Vec<(&str, &SourceKey)> = Vec::new();
-        for part in sorted.rows.chunks(20_000) {
-            rows.clear();
-            rows.extend(
-                part.iter()
-                    .map(|&(at, i)| (sorted.key(at), &prepared[i as usize].key)),
-            );
-            tx.insert_match_keys(&rows).await?;
+        for sorted in runs {
+            for part in sorted.rows.chunks(20_000) {
+                rows.clear();
+                rows.extend(
+                    part.iter()
+                        .map(|&(at, i)| (sorted.key(at), &keys[i as usize])),
+                );
+                tx.insert_match_keys(&rows).await?;
+            }
         }
         tx.match_keys_bulk_load(false).await?;
         if let Some(tx) = self.tx.take() {
