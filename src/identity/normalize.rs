@@ -276,26 +276,72 @@ pub fn phone_e164(raw: &str, region: &str) -> Option<String> {
         return answer;
     }
     // Parsing is the costliest step of preparing a record, and the same numbers come back
-    // (each candidate's records, then survivorship), so recent answers are remembered per
-    // thread. The answer depends on the arguments alone.
-    const REMEMBERED: usize = 4096;
+    // (the records of one person in each system, survivorship, the next resync), often
+    // written differently by each system, so answers are remembered per thread: plain inputs
+    // by their digits (as [`PhoneMemo`] keys them, packed: about 30 bytes a number, up to
+    // [`RECENT_PLAIN`]), others by their text (up to [`RECENT_OTHER`]). The answer depends on
+    // these alone.
     thread_local! {
-        static RECENT: std::cell::RefCell<std::collections::HashMap<(String, String), Option<String>>> =
-            std::cell::RefCell::new(std::collections::HashMap::new());
+        static RECENT: std::cell::RefCell<Recent> = std::cell::RefCell::new(Recent::default());
     }
-    let key = (raw.to_string(), region.to_string());
-    if let Some(hit) = RECENT.with(|r| r.borrow().get(&key).cloned()) {
+    let plain = PhoneMemo::key(raw);
+    if let Some(hit) = RECENT.with(|r| r.borrow().get(raw, plain, region)) {
         return hit;
     }
     let answer = parse_e164(raw, region);
-    RECENT.with(|r| {
-        let mut r = r.borrow_mut();
-        if r.len() >= REMEMBERED {
-            r.clear();
-        }
-        r.insert(key, answer.clone());
-    });
+    RECENT.with(|r| r.borrow_mut().put(raw, plain, region, &answer));
     answer
+}
+
+/// Plain numbers a thread remembers (about 8 MiB).
+const RECENT_PLAIN: usize = 1 << 18;
+/// Other inputs a thread remembers.
+const RECENT_OTHER: usize = 4096;
+
+/// A thread's recent [`phone_e164`] answers for one region.
+#[derive(Default)]
+struct Recent {
+    region: String,
+    /// Plain key to packed answer (see [`PhoneMemo::pack`]).
+    plain: std::collections::HashMap<u64, u64>,
+    other: std::collections::HashMap<String, Option<String>>,
+}
+
+impl Recent {
+    fn get(&self, raw: &str, plain: Option<u64>, region: &str) -> Option<Option<String>> {
+        if region != self.region {
+            return None;
+        }
+        match plain {
+            Some(key) => self
+                .plain
+                .get(&key)
+                .map(|&packed| PhoneMemo::unpack(packed)),
+            None => self.other.get(raw).cloned(),
+        }
+    }
+
+    fn put(&mut self, raw: &str, plain: Option<u64>, region: &str, answer: &Option<String>) {
+        if region != self.region {
+            self.region = region.to_string();
+            self.plain.clear();
+            self.other.clear();
+        }
+        match plain.zip(PhoneMemo::pack(answer.as_deref())) {
+            Some((key, packed)) => {
+                if self.plain.len() >= RECENT_PLAIN {
+                    self.plain.clear();
+                }
+                self.plain.insert(key, packed);
+            }
+            None => {
+                if self.other.len() >= RECENT_OTHER {
+                    self.other.clear();
+                }
+                self.other.insert(raw.to_string(), answer.clone());
+            }
+        }
+    }
 }
 
 thread_local! {
@@ -1008,6 +1054,18 @@ mod tests {
                 }
             }
             assert!(!memo.is_empty());
+        }
+        // Without a memo, the thread's recent answers (by digits for plain inputs) too.
+        for pass in 0..2 {
+            for raw in &inputs {
+                for asked in ["US", "GB", "US"] {
+                    assert_eq!(
+                        phone_e164(raw, asked),
+                        parse_e164(raw, asked),
+                        "{raw} in {asked}, pass {pass}, no memo"
+                    );
+                }
+            }
         }
         // Uninstalled when the guard dropped: nothing is remembered any more.
         let memo = PhoneMemo::new("US");
