@@ -951,15 +951,13 @@ fn true_matches_share_a_blocking_key() {
             P::new("Robert", "Smith-Jones").dob("1980-03-05"),
         ),
         ("particles", P::new("Robert", "de Smith").dob("1980-03-05")),
-        ("family typo, birth date missing", P::new("Robert", "Smyth")),
-        (
-            "given typo, birth date mistyped",
-            P::new("Robrt", "Smith").dob("1980-08-05"),
-        ),
     ];
     for (name, other) in cases {
         assert!(share_a_key(&base, &other), "{name}");
     }
+    // A name typo together with a missing or mistyped birth date shares no key by name: the
+    // `nm:` keys are exact, since phonetic ones reach thousands of records at scale.
+    assert!(!share_a_key(&base, &P::new("Robert", "Smyth")));
     // Contact keys carry records whose names and dates both changed.
     let a = P::new("Jennifer", "Smith")
         .dob("1980-03-05")
@@ -1027,9 +1025,12 @@ fn blocking_keys_have_the_documented_shape() {
         "dg:1980-03-05|b",
         "dg:1980-03-05|r",
         "em:bob@gmail.com",
-        "nm:g620|r163", // soundex of each family word and of the formal given names
-        "nm:g624|r163",
-        "nm:l120|r163",
+        "nm:garcia|robert",
+        "nm:garcia|roberto",
+        "nm:garcialopez|robert",
+        "nm:garcialopez|roberto",
+        "nm:lopez|robert",
+        "nm:lopez|roberto",
         "ph:+14155552671",
         "src:healthie:h-1",
         "xid:emr:42",
@@ -1060,7 +1061,7 @@ fn blocking_keys_skip_placeholders_and_shared_contacts() {
     let p = P::new("Ann", "Lee")
         .email("Desk@Clinic.com")
         .phone("(217) 555-3000");
-    assert_eq!(blocking_keys(&p.0, &cfg), ["nm:l000|a500"]);
+    assert_eq!(blocking_keys(&p.0, &cfg), ["nm:lee|anne"]);
 }
 
 #[test]
