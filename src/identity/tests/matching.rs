@@ -1227,16 +1227,19 @@ fn linking_without_a_birth_date_is_opt_in_and_needs_name_email_and_one_more_cont
     assert_eq!(outcome(&d), Outcome::Review(vec!["p1", "p2"]));
 }
 
+/// The address comparison level `explain` reports for two people.
+fn address_level(a: &P, b: &P) -> &'static str {
+    explain(&a.0, &b.0, &MatchConfig::default())
+        .contributions
+        .iter()
+        .find(|c| c.field == "address")
+        .map(|c| c.level)
+        .unwrap()
+}
+
 #[test]
 fn a_mistyped_zip_in_the_same_city_is_a_fuzzy_address_and_another_city_disagrees() {
-    let level = |a: &P, b: &P| {
-        explain(&a.0, &b.0, &MatchConfig::default())
-            .contributions
-            .iter()
-            .find(|c| c.field == "address")
-            .map(|c| c.level)
-            .unwrap()
-    };
+    let level = address_level;
     let home = P::new("Ana", "Lopez").address("12 North Elm Street", "62704");
     let zip_typo = P::new("Ana", "Lopez").address("12 N Elm St", "62740");
     assert_eq!(level(&home, &zip_typo), "fuzzy");
@@ -1249,14 +1252,7 @@ fn a_mistyped_zip_in_the_same_city_is_a_fuzzy_address_and_another_city_disagrees
 
 #[test]
 fn street_lines_written_differently_are_a_fuzzy_address_and_other_houses_are_not() {
-    let level = |a: &P, b: &P| {
-        explain(&a.0, &b.0, &MatchConfig::default())
-            .contributions
-            .iter()
-            .find(|c| c.field == "address")
-            .map(|c| c.level)
-            .unwrap()
-    };
+    let level = address_level;
     let with_line2 = |line1: &str, line2: Option<&str>, city: &str, zip: &str| {
         let mut p = P::new("Ana", "Lopez").address(line1, zip);
         p.0.address.line2 = line2.map(String::from);
