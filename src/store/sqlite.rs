@@ -147,9 +147,10 @@ impl SqliteStore {
 /// Copies committed WAL pages into the database file with a passive checkpoint (it waits for
 /// no one and blocks no writer) as soon as a write transaction of this store commits, and at
 /// least every [`CHECKPOINT_EVERY`]. A checkpoint that has copied everything before the next
-/// commit lets that commit start the WAL over, so the WAL stays about one transaction long and
-/// the commits of a busy writer seldom reach `wal_autocheckpoint` and do the copying and
-/// syncing themselves. Skips a round when every connection is busy.
+/// write transaction begins lets that transaction start the WAL over. Under back-to-back
+/// transactions (a resync) that is not always so, and the WAL can still reach
+/// `wal_autocheckpoint`, where the committing writer checkpoints itself, but then with most
+/// pages already copied. Skips a round when every connection is busy.
 async fn checkpoint_in_background(
     pool: SqlitePool,
     committed: Arc<tokio::sync::Notify>,
