@@ -673,6 +673,12 @@ async fn leased_work(
     summary.pass = Some(pass);
     tracing::info!(source = %kind, pass, resumed = summary.resumed, "Resync started.");
     for &stream in lister.streams() {
+        // A stopped run neither walks nor, resuming a pass whose streams are all done,
+        // completes it (completing marks records missing).
+        if stop.is_cancelled() {
+            summary.outcome = ResyncOutcome::Interrupted;
+            return Ok(());
+        }
         let state_stream = format!("{STATE_PREFIX}{stream}");
         let state = store.load_sync_state(kind, &state_stream).await?;
         let mark: StreamMark = state
@@ -697,6 +703,10 @@ async fn leased_work(
                 return Ok(());
             }
         }
+    }
+    if stop.is_cancelled() {
+        summary.outcome = ResyncOutcome::Interrupted;
+        return Ok(());
     }
     finish_pass(
         store,
