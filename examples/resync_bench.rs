@@ -12,6 +12,7 @@
 //! `cargo run --release --example resync_bench -- [people] [intakeq_requests_per_minute] [sources]`
 //!
 //! `sources` is a comma-separated subset run in that order (default `healthie,intakeq,hint`).
+//! `RESYNC_BENCH_DB=PATH` keeps the SQLite store in PATH instead of a temporary directory.
 //!
 //! IntakeQ's real limit is 10 requests a minute (20,000 patients: 200 pages, 20 minutes); the
 //! default here is 600 a minute so the run takes seconds; the bound scales with it.
@@ -87,8 +88,13 @@ async fn main() -> anyhow::Result<()> {
         generated.elapsed().as_secs_f64()
     );
 
+    // `RESYNC_BENCH_DB=PATH` keeps the store in PATH (kept afterwards), so a later run can
+    // start from it (for example Hint's pass into a copy of a store holding the other two).
     let dir = tempfile::tempdir()?;
-    let db_url = format!("sqlite:{}", dir.path().join("resync.sqlite").display());
+    let db_path = std::env::var("RESYNC_BENCH_DB")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| dir.path().join("resync.sqlite"));
+    let db_url = format!("sqlite:{}", db_path.display());
     let env: Vec<(String, String)> = [
         ("PATIENT_SYNC_DATABASE__URL", db_url.clone()),
         (

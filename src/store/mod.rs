@@ -705,6 +705,8 @@ pub trait StoreTx: Send {
         now: DateTime<Utc>,
     ) -> StoreResult<()>;
     async fn commit(self: Box<Self>) -> StoreResult<()>;
+    /// [`Store::save_sync_state`] inside this transaction.
+    async fn save_sync_state(&mut self, state: &SyncState) -> StoreResult<()>;
     /// Records that resync pass `pass` listed these records of `source`, clearing any missing
     /// mark. Ids with no stored record are skipped.
     async fn mark_resync_seen(

@@ -127,22 +127,44 @@ macro_rules! impl_store {
             // No source is named "", so no row is left out without an `exclude`.
             let (source, id) = exclude.map_or(("", ""), |k| (k.source.as_str(), k.id.as_str()));
             let mut found = Vec::new();
-            for chunk in keys.chunks(crate::store::sql::BATCH_PARAMS - 2) {
+            for chunk in keys.chunks(crate::store::sql::bulk_params($backend) - 2) {
+                let n = chunk.len();
                 let sql = format!(
                     "SELECT DISTINCT m.key, l.patient_id FROM match_keys m \
                      JOIN links l ON l.source = m.source AND l.source_id = m.source_id \
-                     WHERE m.key IN ({}) AND NOT (m.source = $1 AND m.source_id = $2)",
-                    crate::store::sql::numbered(3, chunk.len())
+                     WHERE m.key IN ({}) AND NOT (m.source = {} AND m.source_id = {})",
+                    crate::store::sql::bulk_list($backend, 1, n),
+                    crate::store::sql::param($backend, n + 1),
+                    crate::store::sql::param($backend, n + 2)
                 );
-                let mut q = sqlx::query(&sql).bind(source).bind(id);
+                let mut q = sqlx::query(&sql);
                 for k in chunk {
                     q = q.bind(k);
                 }
+                q = q.bind(source).bind(id);
                 for row in q.fetch_all(&mut **tx).await? {
                     found.push((row.try_get("key")?, PatientId(row.try_get("patient_id")?)));
                 }
             }
             Ok(found)
+        }
+
+        /// The statement that writes one `sync_state` row.
+        fn upsert_sync_state(
+            state: &SyncState,
+        ) -> sqlx::query::Query<'_, $Db, <$Db as sqlx::Database>::Arguments<'_>> {
+            sqlx::query(
+                "INSERT INTO sync_state (source, stream, cursor, checkpoint, last_success_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (source, stream) DO UPDATE SET cursor = excluded.cursor, checkpoint = excluded.checkpoint, \
+                 last_success_at = excluded.last_success_at, updated_at = excluded.updated_at",
+            )
+            .bind(state.source.as_str())
+            .bind(&state.stream)
+            .bind(state.cursor.as_deref())
+            .bind(state.checkpoint.as_deref())
+            .bind(state.last_success_at)
+            .bind(state.updated_at)
         }
 
         /// `col = excluded.col` for every `patient_history` column an upsert of a version
@@ -616,20 +638,7 @@ macro_rules! impl_store {
             }
 
             async fn save_sync_state(&self, state: &SyncState) -> StoreResult<()> {
-                sqlx::query(
-                    "INSERT INTO sync_state (source, stream, cursor, checkpoint, last_success_at, updated_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6) \
-                     ON CONFLICT (source, stream) DO UPDATE SET cursor = excluded.cursor, checkpoint = excluded.checkpoint, \
-                     last_success_at = excluded.last_success_at, updated_at = excluded.updated_at",
-                )
-                .bind(state.source.as_str())
-                .bind(&state.stream)
-                .bind(state.cursor.as_deref())
-                .bind(state.checkpoint.as_deref())
-                .bind(state.last_success_at)
-                .bind(state.updated_at)
-                .execute(self.writer())
-                .await?;
+                upsert_sync_state(state).execute(self.writer()).await?;
                 Ok(())
             }
 
@@ -1423,14 +1432,22 @@ macro_rules! impl_store {
                 Ok(())
             }
 
+            async fn save_sync_state(&mut self, state: &SyncState) -> StoreResult<()> {
+                upsert_sync_state(state).execute(&mut *self.tx).await?;
+                Ok(())
+            }
+
             async fn mark_resync_seen(&mut self, source: SourceKind, ids: &[SourceId], pass: i64) -> StoreResult<()> {
-                for chunk in ids.chunks(crate::store::sql::BATCH_PARAMS - 2) {
+                for chunk in ids.chunks(crate::store::sql::bulk_params($backend) - 2) {
+                    // Placeholders in the order of the text: `?` binds by position on SQLite.
                     let sql = format!(
-                        "UPDATE source_records SET resync_pass = $2, missing_passes = 0, missing_checked_pass = NULL, \
-                         missing_since = NULL WHERE source = $1 AND source_id IN ({})",
-                        crate::store::sql::numbered(3, chunk.len())
+                        "UPDATE source_records SET resync_pass = {}, missing_passes = 0, missing_checked_pass = NULL, \
+                         missing_since = NULL WHERE source = {} AND source_id IN ({})",
+                        crate::store::sql::param($backend, 1),
+                        crate::store::sql::param($backend, 2),
+                        crate::store::sql::bulk_list($backend, 3, chunk.len())
                     );
-                    let mut q = sqlx::query(&sql).bind(source.as_str()).bind(pass);
+                    let mut q = sqlx::query(&sql).bind(pass).bind(source.as_str());
                     for id in chunk {
                         q = q.bind(id.as_str());
                     }
@@ -1654,15 +1671,23 @@ macro_rules! impl_store {
                 ids: &[SourceId],
             ) -> StoreResult<std::collections::HashSet<SourceId>> {
                 let mut known = std::collections::HashSet::new();
-                for chunk in ids.chunks(crate::store::sql::BATCH_PARAMS / 2 - 1) {
-                    let list = crate::store::sql::numbered(2, chunk.len());
+                for chunk in ids.chunks(crate::store::sql::bulk_params($backend) / 2 - 1) {
+                    // Each list and its source bound in the order of the text.
+                    let n = chunk.len();
                     let sql = format!(
-                        "SELECT source_id FROM source_records WHERE source = $1 AND source_id IN ({list}) \
-                         UNION SELECT source_id FROM links WHERE source = $1 AND source_id IN ({list})"
+                        "SELECT source_id FROM source_records WHERE source_id IN ({}) AND source = {} \
+                         UNION SELECT source_id FROM links WHERE source_id IN ({}) AND source = {}",
+                        crate::store::sql::bulk_list($backend, 1, n),
+                        crate::store::sql::param($backend, n + 1),
+                        crate::store::sql::bulk_list($backend, n + 2, n),
+                        crate::store::sql::param($backend, 2 * n + 2)
                     );
-                    let mut q = sqlx::query(&sql).bind(source.as_str());
-                    for id in chunk {
-                        q = q.bind(id.as_str());
+                    let mut q = sqlx::query(&sql);
+                    for _ in 0..2 {
+                        for id in chunk {
+                            q = q.bind(id.as_str());
+                        }
+                        q = q.bind(source.as_str());
                     }
                     for row in q.fetch_all(&mut *self.tx).await? {
                         known.insert(SourceId(row.try_get("source_id")?));
@@ -1672,11 +1697,11 @@ macro_rules! impl_store {
             }
 
             async fn insert_new_source_records(&mut self, records: &[&SourceRecord]) -> StoreResult<()> {
-                for chunk in records.chunks(crate::store::sql::BATCH_PARAMS / 8) {
+                for chunk in records.chunks(crate::store::sql::bulk_params($backend) / 8) {
                     let sql = format!(
                         "INSERT INTO source_records (source, source_id, status, merged_into, fields, raw, source_updated_at, fetched_at) \
                          VALUES {}",
-                        crate::store::sql::placeholders(chunk.len(), 8)
+                        crate::store::sql::bulk_placeholders($backend, chunk.len(), 8)
                     );
                     let mut q = sqlx::query(&sql);
                     for record in chunk {
@@ -1701,12 +1726,12 @@ macro_rules! impl_store {
                     .collect::<Vec<_>>()
                     .join(", ");
                 let mut out = Vec::new();
-                for chunk in patient_ids.chunks(crate::store::sql::BATCH_PARAMS) {
+                for chunk in patient_ids.chunks(crate::store::sql::bulk_params($backend)) {
                     let sql = format!(
                         "SELECT l.patient_id AS linked_patient_id, {columns} FROM source_records r \
                          JOIN links l ON l.source = r.source AND l.source_id = r.source_id \
                          WHERE l.patient_id IN ({}) ORDER BY r.source, r.source_id",
-                        crate::store::sql::numbered(1, chunk.len())
+                        crate::store::sql::bulk_list($backend, 1, chunk.len())
                     );
                     let mut q = sqlx::query(&sql);
                     for id in chunk {
@@ -1721,10 +1746,10 @@ macro_rules! impl_store {
 
             async fn load_patients_many(&mut self, ids: &[PatientId]) -> StoreResult<Vec<PatientRow>> {
                 let mut out = Vec::new();
-                for chunk in ids.chunks(crate::store::sql::BATCH_PARAMS) {
+                for chunk in ids.chunks(crate::store::sql::bulk_params($backend)) {
                     let sql = format!(
                         "SELECT {PATIENT_COLUMNS} FROM patients WHERE patient_id IN ({})",
-                        crate::store::sql::numbered(1, chunk.len())
+                        crate::store::sql::bulk_list($backend, 1, chunk.len())
                     );
                     let mut q = sqlx::query(&sql);
                     for id in chunk {
@@ -1743,16 +1768,19 @@ macro_rules! impl_store {
                 ids: &[SourceId],
             ) -> StoreResult<Vec<(SourceId, PatientId)>> {
                 let mut out = Vec::new();
-                for chunk in ids.chunks(crate::store::sql::BATCH_PARAMS - 1) {
+                for chunk in ids.chunks(crate::store::sql::bulk_params($backend) - 1) {
+                    let n = chunk.len();
                     let sql = format!(
                         "SELECT source_id, patient_id FROM match_reviews \
-                         WHERE source = $1 AND state = 'rejected' AND source_id IN ({})",
-                        crate::store::sql::numbered(2, chunk.len())
+                         WHERE source_id IN ({}) AND source = {} AND state = 'rejected'",
+                        crate::store::sql::bulk_list($backend, 1, n),
+                        crate::store::sql::param($backend, n + 1)
                     );
-                    let mut q = sqlx::query(&sql).bind(source.as_str());
+                    let mut q = sqlx::query(&sql);
                     for id in chunk {
                         q = q.bind(id.as_str());
                     }
+                    q = q.bind(source.as_str());
                     for row in q.fetch_all(&mut *self.tx).await? {
                         out.push((SourceId(row.try_get("source_id")?), PatientId(row.try_get("patient_id")?)));
                     }
@@ -1824,6 +1852,15 @@ pub(crate) fn bulk_list(backend: crate::store::Backend, first: usize, count: usi
     match backend {
         crate::store::Backend::Sqlite => vec!["?"; count].join(", "),
         _ => numbered(first, count),
+    }
+}
+
+/// Placeholder number `n` (from 1) of a [`bulk_params`]-sized statement: `?` on SQLite, which binds
+/// by position (so its placeholders must appear in the text in binding order), `$n` elsewhere.
+pub(crate) fn param(backend: crate::store::Backend, n: usize) -> String {
+    match backend {
+        crate::store::Backend::Sqlite => "?".to_string(),
+        _ => format!("${n}"),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Applying a page of records in one go: records never stored before (a resync's first pass,
 //! an import into a new store) are decided one by one in memory, as [`apply_record`] would in
-//! the same order, but read and written with a few multi-row statements for the whole group.
+//! the same order, but read and written with a few multi-row statements for the whole group;
+//! the decisions run on a blocking thread while the transaction writes the group's records.
 //! Any other record (already stored or linked, merged away upstream, or listed twice) goes
 //! through [`apply_record`] itself, in its place in the order.
 
@@ -8,7 +9,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 
-use crate::identity::{self, LinkTarget, Prepared, PreparedCandidate};
+use crate::identity::{self, LinkTarget, MatchConfig, Prepared, PreparedCandidate, ReviewProposal};
 use crate::model::{PatientId, RecordStatus, SourceId, SourceKey, SourceKind, SourceRecord};
 use crate::store::{Link, LinkEvent, LinkMethod, SaveOutcome, StoreResult, StoreTx};
 use crate::sync::apply::{apply_record, next_row, Applied, IdentitySettings};
@@ -89,15 +90,9 @@ async fn apply_new_records(
     for k in &all_keys {
         tx.lock(&format!("match_key:{k}")).await?;
     }
-    tx.insert_new_source_records(records).await?;
-    let key_items: Vec<(SourceKey, Vec<String>)> = records
-        .iter()
-        .zip(&keys)
-        .map(|(r, k)| (r.key.clone(), k.clone()))
-        .collect();
-    tx.replace_match_keys_many(&key_items).await?;
 
-    // Patients reachable now, through records linked before this group.
+    // Patients reachable now, through records linked before this group. The group's own
+    // records are not linked yet, so reading before inserting them finds the same patients.
     let mut reach: HashMap<String, BTreeSet<PatientId>> = HashMap::new();
     for (key, patient) in tx.find_patients_by_keys(&all_keys).await? {
         reach.entry(key).or_default().insert(patient);
@@ -117,68 +112,50 @@ async fn apply_new_records(
             rejected.insert((SourceKey::new(source, id), patient));
         }
     }
-    // Every record a decision can look at, prepared once.
-    let mut prepared: HashMap<SourceKey, Prepared> = members
-        .values()
-        .flatten()
-        .map(|r| (r.key.clone(), Prepared::new(r, cfg)))
-        .collect();
-    for p in mine {
-        prepared.insert(p.key.clone(), p);
-    }
-    let mut member_keys: HashMap<PatientId, Vec<SourceKey>> = members
+
+    // Decisions are pure computation: they run on a blocking thread while this transaction
+    // writes the group's records and keys.
+    let key_items: Vec<(SourceKey, Vec<String>)> = records
         .iter()
-        .map(|(p, rs)| (p.clone(), rs.iter().map(|r| r.key.clone()).collect()))
+        .zip(&keys)
+        .map(|(r, k)| (r.key.clone(), k.clone()))
         .collect();
+    let group = Group {
+        mine,
+        keys,
+        members,
+        reach,
+        rejected,
+        cfg: cfg.clone(),
+    };
+    let deciding = tokio::task::spawn_blocking(move || group.decide());
+    let written = async {
+        tx.insert_new_source_records(records).await?;
+        tx.replace_match_keys_many(&key_items).await
+    };
+    let (written, decided) = tokio::join!(written, deciding);
+    let (decisions, mut members) =
+        decided.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+    written?;
 
     let mut links = Vec::with_capacity(records.len());
     let mut touched: Vec<PatientId> = Vec::new();
     let mut applied = Vec::with_capacity(records.len());
-    for (record, record_keys) in records.iter().zip(&keys) {
-        let reached: BTreeSet<&PatientId> = record_keys
-            .iter()
-            .filter_map(|k| reach.get(k))
-            .flatten()
-            .collect();
-        let decision = if reached.is_empty() {
-            None
-        } else {
-            let views: Vec<PreparedCandidate> = reached
-                .iter()
-                .map(|&p| PreparedCandidate {
-                    patient_id: p.clone(),
-                    records: member_keys
-                        .get(p)
-                        .map(|ks| ks.iter().map(|k| &prepared[k]).collect())
-                        .unwrap_or_default(),
-                    rejected: rejected.contains(&(record.key.clone(), p.clone())),
-                })
-                .collect();
-            Some(identity::decide_prepared(
-                &prepared[&record.key],
-                &views,
-                cfg,
-            ))
-        };
-        if let Some(decision) = &decision {
-            for review in &decision.reviews {
-                tx.open_review(&record.key, &review.patient_id, review.score, now)
-                    .await?;
-            }
+    for (record, decided) in records.iter().zip(decisions) {
+        for review in &decided.reviews {
+            tx.open_review(&record.key, &review.patient_id, review.score, now)
+                .await?;
         }
-        let (patient_id, method, rule, score) = match decision.map(|d| d.target) {
-            Some(LinkTarget::Existing {
-                patient_id,
-                method,
-                rule,
-                score,
-            }) => (patient_id, method, rule, score),
-            _ => {
-                let id = PatientId::generate();
-                tx.lock(id.as_str()).await?;
-                (id, LinkMethod::New, None, None)
-            }
-        };
+        let Decided {
+            patient_id,
+            method,
+            rule,
+            score,
+            reviews: _,
+        } = decided;
+        if method == LinkMethod::New {
+            tx.lock(patient_id.as_str()).await?;
+        }
         links.push((
             Link {
                 key: record.key.clone(),
@@ -201,16 +178,6 @@ async fn apply_new_records(
                 at: now,
             },
         ));
-        for k in record_keys {
-            reach
-                .entry(k.clone())
-                .or_default()
-                .insert(patient_id.clone());
-        }
-        member_keys
-            .entry(patient_id.clone())
-            .or_default()
-            .push(record.key.clone());
         members
             .entry(patient_id.clone())
             .or_default()
@@ -247,4 +214,117 @@ async fn apply_new_records(
     }
     tx.save_patients(&rows).await?;
     Ok(applied)
+}
+
+/// What deciding a group needs, owned so that it can move to a blocking thread.
+struct Group {
+    /// The group's records, prepared, in order.
+    mine: Vec<Prepared>,
+    /// Each record's blocking keys.
+    keys: Vec<Vec<String>>,
+    /// The records linked to each reachable patient.
+    members: HashMap<PatientId, Vec<SourceRecord>>,
+    /// The patients each blocking key reaches.
+    reach: HashMap<String, BTreeSet<PatientId>>,
+    /// Pairs of a group record and a patient an admin rejected.
+    rejected: HashSet<(SourceKey, PatientId)>,
+    cfg: MatchConfig,
+}
+
+/// Where one record of a group goes, and the reviews its decision proposes.
+struct Decided {
+    patient_id: PatientId,
+    method: LinkMethod,
+    rule: Option<String>,
+    score: Option<f64>,
+    reviews: Vec<ReviewProposal>,
+}
+
+impl Group {
+    /// Decides each record in order, as [`apply_record`] would one after another: a record
+    /// also reaches the patients the group's earlier records created or joined. Gives back
+    /// `members` unchanged.
+    fn decide(self) -> (Vec<Decided>, HashMap<PatientId, Vec<SourceRecord>>) {
+        let Group {
+            mine,
+            keys,
+            members,
+            mut reach,
+            rejected,
+            cfg,
+        } = self;
+        // Every record a decision can look at, prepared once.
+        let order: Vec<SourceKey> = mine.iter().map(|p| p.key.clone()).collect();
+        let mut prepared: HashMap<SourceKey, Prepared> = members
+            .values()
+            .flatten()
+            .map(|r| (r.key.clone(), Prepared::new(r, &cfg)))
+            .collect();
+        for p in mine {
+            prepared.insert(p.key.clone(), p);
+        }
+        let mut member_keys: HashMap<PatientId, Vec<SourceKey>> = members
+            .iter()
+            .map(|(p, rs)| (p.clone(), rs.iter().map(|r| r.key.clone()).collect()))
+            .collect();
+        let mut out = Vec::with_capacity(order.len());
+        for (key, record_keys) in order.iter().zip(&keys) {
+            let reached: BTreeSet<&PatientId> = record_keys
+                .iter()
+                .filter_map(|k| reach.get(k))
+                .flatten()
+                .collect();
+            let decision = (!reached.is_empty()).then(|| {
+                let views: Vec<PreparedCandidate> = reached
+                    .iter()
+                    .map(|&p| PreparedCandidate {
+                        patient_id: p.clone(),
+                        records: member_keys
+                            .get(p)
+                            .map(|ks| ks.iter().map(|k| &prepared[k]).collect())
+                            .unwrap_or_default(),
+                        rejected: rejected.contains(&(key.clone(), p.clone())),
+                    })
+                    .collect();
+                identity::decide_prepared(&prepared[key], &views, &cfg)
+            });
+            let (target, reviews) = match decision {
+                Some(d) => (Some(d.target), d.reviews),
+                None => (None, Vec::new()),
+            };
+            let decided = match target {
+                Some(LinkTarget::Existing {
+                    patient_id,
+                    method,
+                    rule,
+                    score,
+                }) => Decided {
+                    patient_id,
+                    method,
+                    rule,
+                    score,
+                    reviews,
+                },
+                _ => Decided {
+                    patient_id: PatientId::generate(),
+                    method: LinkMethod::New,
+                    rule: None,
+                    score: None,
+                    reviews,
+                },
+            };
+            for k in record_keys {
+                reach
+                    .entry(k.clone())
+                    .or_default()
+                    .insert(decided.patient_id.clone());
+            }
+            member_keys
+                .entry(decided.patient_id.clone())
+                .or_default()
+                .push(key.clone());
+            out.push(decided);
+        }
+        (out, members)
+    }
 }

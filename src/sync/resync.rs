@@ -877,23 +877,6 @@ async fn walk_paced(
             following
         );
         applied?;
-        if let Sink::Apply { pass, .. } = sink {
-            let now = Utc::now();
-            store
-                .save_sync_state(&SyncState {
-                    source: kind,
-                    stream: format!("{STATE_PREFIX}{stream}"),
-                    cursor: serde_json::to_string(&StreamMark {
-                        pass: *pass,
-                        done: page.complete,
-                    })
-                    .ok(),
-                    checkpoint: page.next.clone(),
-                    last_success_at: None,
-                    updated_at: now,
-                })
-                .await?;
-        }
         progress.page(summary, options);
         if page.complete {
             return Ok(Stopped::Finished);
@@ -958,7 +941,7 @@ async fn fetch_or_stop(
 }
 
 /// Applies (or, in a dry run, compares) one page. Applying is one transaction: every record,
-/// then the page's seen marks.
+/// then the page's seen marks and the stream's checkpoint.
 async fn take_page(
     store: &dyn Store,
     kind: SourceKind,
@@ -985,6 +968,20 @@ async fn take_page(
                 count(summary, applied.outcome);
             }
             tx.mark_resync_seen(kind, &ids, *pass).await?;
+            // The page's checkpoint commits with the page: a resumed pass starts after it.
+            tx.save_sync_state(&SyncState {
+                source: kind,
+                stream: format!("{STATE_PREFIX}{stream}"),
+                cursor: serde_json::to_string(&StreamMark {
+                    pass: *pass,
+                    done: page.complete,
+                })
+                .ok(),
+                checkpoint: page.next.clone(),
+                last_success_at: None,
+                updated_at: now,
+            })
+            .await?;
             tx.commit().await?;
         }
         Sink::Compare { seen } => {
