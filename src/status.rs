@@ -15,6 +15,7 @@ use crate::app::BUDGET_STREAM;
 use crate::config::Settings;
 use crate::model::SourceKind;
 use crate::sources::http::BudgetSnapshot;
+use crate::sources::shared_limit::daily_key;
 use crate::store::{now_ms, InboxCount, InboxState, ReviewState, Store, SyncState};
 
 /// The `sync_state` stream whose `last_success_at` is the last completed resync of a source.
@@ -37,7 +38,8 @@ pub struct Status {
     /// Patients by status, as `[status, count]` pairs.
     pub patients: Vec<(String, i64)>,
     pub patients_total: i64,
-    /// Daily request budgets (IntakeQ), as last saved by a process using the key.
+    /// Daily request budgets (IntakeQ): as last saved by a process using the key or, with
+    /// shared rate limits, as counted for every process when that count is higher.
     pub budgets: Vec<(SourceKind, BudgetSnapshot)>,
     /// One entry per source, enabled or not.
     pub sources: Vec<SourceStatus>,
@@ -106,6 +108,37 @@ fn rate_of(settings: &Settings, source: SourceKind, budget: Option<&BudgetSnapsh
             }
         }
     }
+}
+
+/// With shared rate limits every process's requests count in `rate_budgets`, while a saved
+/// snapshot is one process's view: the fuller count of the current window is what is left.
+async fn shared_daily_budget(
+    store: &dyn Store,
+    settings: &Settings,
+    budgets: &mut Vec<(SourceKind, BudgetSnapshot)>,
+) -> anyhow::Result<()> {
+    let source = SourceKind::Intakeq;
+    let Some((end_us, used)) = store.read_rate_budget(&daily_key(source)).await? else {
+        return Ok(());
+    };
+    let Some(resets_at) = DateTime::from_timestamp_micros(end_us).filter(|t| *t > Utc::now())
+    else {
+        return Ok(());
+    };
+    let limit = settings.sources.intakeq.requests_per_day;
+    let used = u32::try_from(used).unwrap_or(u32::MAX).min(limit);
+    let shared = BudgetSnapshot {
+        used,
+        limit,
+        remaining: limit - used,
+        resets_at,
+    };
+    match budgets.iter_mut().find(|(k, _)| *k == source) {
+        Some((_, saved)) if saved.resets_at > Utc::now() && saved.used >= shared.used => {}
+        Some((_, saved)) => *saved = shared,
+        None => budgets.push((source, shared)),
+    }
+    Ok(())
 }
 
 fn enabled(settings: &Settings, source: SourceKind) -> bool {
@@ -180,6 +213,9 @@ pub async fn load_status(store: &dyn Store, settings: &Settings) -> anyhow::Resu
         {
             budgets.push((s.source, b));
         }
+    }
+    if settings.rate_limit.shared {
+        shared_daily_budget(store, settings, &mut budgets).await?;
     }
     let sources = SourceKind::ALL
         .into_iter()

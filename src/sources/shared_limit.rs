@@ -282,7 +282,7 @@ impl SharedLimiter {
         if self.skipping() {
             return None;
         }
-        let key = format!("{}:day", self.source.as_str());
+        let key = daily_key(self.source);
         let keep = keep.min(limit.saturating_sub(1));
         self.call(
             "daily_budget",
@@ -291,6 +291,11 @@ impl SharedLimiter {
         )
         .await
     }
+}
+
+/// The key of `source`'s shared daily allowance (table `rate_budgets`).
+pub fn daily_key(source: SourceKind) -> String {
+    format!("{}:day", source.as_str())
 }
 
 /// Shared limits in memory: one process's stand-in for the database, for tests.

@@ -624,6 +624,9 @@ pub trait Store: Send + Sync + 'static {
     /// Moves `key`'s theoretical arrival time to at least `at_us`, so no later reservation
     /// gets a slot before it (a pause every process honours).
     async fn defer_rate_slots(&self, key: &str, at_us: i64) -> StoreResult<()>;
+    /// The shared daily allowance `key` as stored: the end of its window (microseconds since
+    /// the epoch) and the requests used in it. `None` before any request was counted.
+    async fn read_rate_budget(&self, key: &str) -> StoreResult<Option<(i64, i64)>>;
     /// Takes one request of the shared daily allowance `key` (table `rate_budgets`) in the
     /// window ending at `window_end_us`, unless `used + keep >= limit` in that window. Returns
     /// the requests used after taking, or `None` when none was left. A later window starts

@@ -1023,6 +1023,17 @@ macro_rules! impl_store {
                 Ok(())
             }
 
+            async fn read_rate_budget(&self, key: &str) -> StoreResult<Option<(i64, i64)>> {
+                let row = sqlx::query("SELECT window_end_us, used FROM rate_budgets WHERE key = $1")
+                    .bind(key)
+                    .fetch_optional(self.limits())
+                    .await?;
+                Ok(match row {
+                    Some(r) => Some((r.try_get("window_end_us")?, r.try_get("used")?)),
+                    None => None,
+                })
+            }
+
             async fn take_rate_budget(
                 &self,
                 key: &str,

@@ -170,6 +170,20 @@ async fn status_json_reports_inbox_reviews_sources_budgets_and_patients() {
             .unwrap();
     }
 
+    // Another process sharing the key spends three more of IntakeQ's daily allowance (a
+    // window end before the stored one counts in the stored window).
+    let day_key = patient_sync::sources::shared_limit::daily_key(SourceKind::Intakeq);
+    let (_, used_by_sync) = store.read_rate_budget(&day_key).await.unwrap().unwrap();
+    let mut shared_used = 0;
+    for _ in 0..3 {
+        shared_used = store
+            .take_rate_budget(&day_key, Utc::now().timestamp_micros(), 1_000_000, 0)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(shared_used, used_by_sync + 3);
+
     let out = run(&["status", "--json"], &env).await;
     assert!(out.status.success());
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -238,6 +252,7 @@ async fn status_json_reports_inbox_reviews_sources_budgets_and_patients() {
     assert_eq!(budget[0], "intakeq");
     let used = budget[1]["used"].as_u64().unwrap();
     assert!(used >= 2);
+    assert_eq!(used, shared_used as u64, "the count every process shares");
     assert_eq!(
         intakeq["rate"]["daily_left"].as_u64().unwrap(),
         intakeq["rate"]["requests_per_day"].as_u64().unwrap() - used
