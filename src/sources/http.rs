@@ -298,7 +298,7 @@ impl Upstream {
 
     /// Keeps `share` (0 <= share < 1) of this credential's budget for live work: requests in
     /// the bulk lane ([`bulk`]) get `1 - share` of each quota, cannot spend the last `share` of
-    /// a daily allowance, and leave concurrency slots free (see [`bulk_slots`]). 0 turns the
+    /// a daily allowance, and leave concurrency slots free (see `bulk_slots`). 0 turns the
     /// reserve off.
     pub fn with_live_reserve(mut self, share: f64) -> Self {
         let share = if share.is_finite() {

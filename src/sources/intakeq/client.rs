@@ -2,7 +2,7 @@
 //! auth, `GET /clients` listing (100 per page, 1-based pages, no total), and one client by
 //! `GET /clients?search=<ClientId>&includeProfile=true` keeping the exact `ClientId` match.
 //!
-//! `search` with a numeric id is the documented way to read one client ([V] article 251);
+//! `search` with a numeric id is the documented way to read one client (\[V\] article 251);
 //! `/clients/profile/{id}` comes only from the stale official client and is an open question,
 //! and `/clients/{id}` does not exist, so neither is used.
 
