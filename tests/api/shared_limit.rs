@@ -316,8 +316,7 @@ async fn exit_code(mut child: std::process::Child, deadline: Duration) -> Option
 /// `resync` (bulk lane) and `sync` (a full sweep in the bulk lane, then refetches in the live
 /// lane) at once: each alone may send 4 a second, together they would send up to twice that
 /// with limits of their own.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resync_and_sync_processes_together_get_no_rate_limited_answer() {
+async fn resync_and_sync_processes_together_get_no_rate_limited_answer(db: Db) {
     let sandbox = Sandbox::start(SandboxConfig {
         population: PopulationConfig {
             people: 2000,
@@ -337,8 +336,9 @@ async fn resync_and_sync_processes_together_get_no_rate_limited_answer() {
     })
     .await
     .expect("sandbox starts");
+    let db = database(db).await;
+    let db_url = db.url.clone();
     let dir = tempfile::tempdir().unwrap();
-    let db_url = format!("sqlite:{}", dir.path().join("two.sqlite").display());
     let url = sandbox.healthie_url();
     let log = |name: &str| dir.path().join(name);
     let migrate = patient_sync(&["migrate"], &db_url, &url, &log("migrate.log"));
@@ -369,4 +369,5 @@ on_both_backends!(
     bulk_work_of_two_processes_keeps_to_its_share_and_live_work_gets_through,
     a_rate_limit_answer_seen_by_one_process_pauses_the_other,
     two_processes_spend_a_daily_allowance_once,
+    resync_and_sync_processes_together_get_no_rate_limited_answer,
 );
