@@ -118,7 +118,8 @@ macro_rules! impl_store {
         }
 
         /// `(blocking key, patient)` for every linked record holding one of `keys`, other than
-        /// `exclude`, in statements of at most `BATCH_PARAMS` parameters.
+        /// `exclude`, in statements of at most [`bulk_params`](crate::store::sql::bulk_params)
+        /// parameters.
         async fn patients_by_keys_in(
             tx: &mut sqlx::Transaction<'static, $Db>,
             keys: &[String],
@@ -1813,9 +1814,9 @@ macro_rules! impl_store {
     };
 }
 
-/// Bound parameters per multi-row statement. Small on purpose: the SQLite driver resolves each
-/// `$N` by name with a scan of the statement's parameters, so binding costs grow with the square
-/// of the parameter count; a few hundred keep that negligible and statements still few.
+/// Bound parameters per multi-row statement with numbered (`$N`) placeholders. Small on
+/// purpose: the SQLite driver resolves each `$N` by name with a scan of the statement's
+/// parameters, so binding costs grow with the square of the parameter count.
 pub(crate) const BATCH_PARAMS: usize = 240;
 
 /// `($1, $2), ($3, $4)` for `rows` rows of `cols` columns.
@@ -1847,9 +1848,9 @@ pub(crate) fn numbered(first: usize, count: usize) -> String {
 }
 
 /// Bound parameters per multi-row statement of the bulk writers (`save_links`, `save_patients`,
-/// `replace_match_keys_many`). SQLite gets anonymous `?` placeholders there, which its driver
-/// binds in order (a `$N` is looked up by name, in time growing with the square of the count),
-/// so its statements can be ten times larger.
+/// `replace_match_keys_many`) and of a page's reads. SQLite gets anonymous `?` placeholders
+/// there, which its driver binds in order (a `$N` is looked up by name, in time growing with
+/// the square of the count), so its statements can be ten times larger.
 pub(crate) fn bulk_params(backend: crate::store::Backend) -> usize {
     match backend {
         crate::store::Backend::Sqlite => 2_400,
@@ -1882,19 +1883,14 @@ pub(crate) fn bulk_placeholders(
     rows: usize,
     cols: usize,
 ) -> String {
+    if cols == 1 {
+        return bulk_list(backend, 1, rows);
+    }
     match backend {
         crate::store::Backend::Sqlite => {
-            let row = if cols == 1 {
-                "?".to_string()
-            } else {
-                format!("({})", vec!["?"; cols].join(", "))
-            };
+            let row = format!("({})", vec!["?"; cols].join(", "));
             vec![row.as_str(); rows].join(", ")
         }
-        _ if cols == 1 => (1..=rows)
-            .map(|i| format!("${i}"))
-            .collect::<Vec<_>>()
-            .join(", "),
         _ => placeholders(rows, cols),
     }
 }
@@ -1905,3 +1901,23 @@ pub(crate) use impl_store;
 #[derive(Debug, thiserror::Error)]
 #[error("unexpected value in column {0}")]
 pub(crate) struct BadValue(pub &'static str);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Backend;
+
+    #[test]
+    fn placeholders_follow_each_backends_style() {
+        assert_eq!(bulk_placeholders(Backend::Sqlite, 2, 1), "?, ?");
+        assert_eq!(bulk_placeholders(Backend::Postgres, 2, 1), "$1, $2");
+        assert_eq!(bulk_placeholders(Backend::Sqlite, 2, 2), "(?, ?), (?, ?)");
+        assert_eq!(
+            bulk_placeholders(Backend::Postgres, 2, 2),
+            "($1, $2), ($3, $4)"
+        );
+        assert_eq!(bulk_list(Backend::Postgres, 3, 2), "$3, $4");
+        assert_eq!(param(Backend::Sqlite, 5), "?");
+        assert_eq!(param(Backend::Postgres, 5), "$5");
+    }
+}
