@@ -22,6 +22,13 @@ pub async fn apply_records(
     settings: &IdentitySettings,
     now: DateTime<Utc>,
 ) -> StoreResult<Vec<Applied>> {
+    // Every record's key first (the lock `apply_record` takes first), so that another
+    // transaction storing one of these records (a worker, another process) has committed
+    // before the records are sorted into stored and new, or waits until this one commits.
+    let held: BTreeSet<String> = records.iter().map(|r| r.key.to_string()).collect();
+    for key in &held {
+        tx.lock(key).await?;
+    }
     let mut known: HashSet<SourceKey> = HashSet::new();
     for (source, ids) in ids_by_source(records) {
         known.extend(
@@ -74,10 +81,8 @@ async fn apply_new_records(
         return Ok(Vec::new());
     }
     let cfg = &settings.matching;
-    // The locks `apply_record` takes, in its order: record keys, then blocking keys.
-    for r in records {
-        tx.lock(&r.key.to_string()).await?;
-    }
+    // The locks `apply_record` takes, in its order: the record keys (held since
+    // `apply_records`), then blocking keys.
     let mine: Vec<Prepared> = records.iter().map(|r| Prepared::new(r, cfg)).collect();
     let keys: Vec<Vec<String>> = mine.iter().map(|p| p.record_blocking_keys()).collect();
     let all_keys: Vec<String> = keys

@@ -354,12 +354,12 @@ async fn resync_and_sync_processes_together_get_no_rate_limited_answer(db: Db) {
         exit_code(resync, Duration::from_secs(240)),
         exit_code(sync, Duration::from_secs(240))
     );
-    assert_eq!(resync, Some(0), "the resync completed");
-    assert!(sync.is_some(), "sync exited by itself");
-    let counters = sandbox.healthie_counters().snapshot();
     let logs = ["resync.log", "sync.log"]
         .map(|name| std::fs::read_to_string(log(name)).unwrap_or_default())
         .join("\n");
+    assert_eq!(resync, Some(0), "the resync completed\n{logs}");
+    assert!(sync.is_some(), "sync exited by itself");
+    let counters = sandbox.healthie_counters().snapshot();
     assert!(counters.requests >= 60, "{counters:?}");
     assert_eq!(counters.rate_limited, 0, "{counters:?}\n{logs}");
 }
