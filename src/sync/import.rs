@@ -104,6 +104,12 @@ pub async fn import_lines<R: BufRead + Send>(
             reject(&mut summary, number, "not valid UTF-8".into());
             continue;
         };
+        // A byte order mark before the first line (spreadsheet tools write one) is not data.
+        let text = if index == 0 {
+            text.strip_prefix('\u{feff}').unwrap_or(text)
+        } else {
+            text
+        };
         let text = text.trim();
         if text.is_empty() {
             continue;

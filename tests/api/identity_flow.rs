@@ -550,6 +550,10 @@ async fn import_counts_created_updated_unchanged_and_rejected_lines(db: Db) {
     let users: Vec<serde_json::Value> = pop.healthie_users().take(3).cloned().collect();
     let source = sources()[&SourceKind::Healthie].clone();
     let mut lines: Vec<String> = users.iter().map(|u| u.to_string()).collect();
+    // A byte order mark before the first line and Windows line ends, as spreadsheet tools
+    // write them, are not errors.
+    lines[0] = format!("\u{feff}{}", lines[0]);
+    lines[2].push('\r');
     lines.insert(1, "{not json".into());
     lines.push(r#"{"first_name": "Nobody"}"#.into());
     lines.push(String::new());
