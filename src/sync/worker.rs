@@ -473,6 +473,12 @@ impl Worker {
     ) -> Result<(), StoreError> {
         let now = Utc::now();
         let mut tx = self.store.begin().await?;
+        // Every record's key first, in one order (as a resync page takes them), so that two
+        // transactions applying overlapping records wait for each other instead of deadlocking.
+        let held: BTreeSet<String> = records.iter().map(|r| r.key.to_string()).collect();
+        for key in &held {
+            tx.lock(key).await?;
+        }
         let mut patients = Vec::new();
         for record in records {
             let applied = apply_record(tx.as_mut(), record, &self.identity, now).await?;
