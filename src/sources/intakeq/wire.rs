@@ -101,7 +101,7 @@ impl ClientProfile {
             mobile_phone: text(obj, "MobilePhone")?,
             home_phone: text(obj, "HomePhone")?,
             work_phone: text(obj, "WorkPhone")?,
-            date_of_birth_ms: epoch_ms(obj, "DateOfBirth")?,
+            date_of_birth_ms: birth_epoch_ms(obj, "DateOfBirth")?,
             gender: text(obj, "Gender")?,
             archived: flag(obj, "Archived")?,
             address: text(obj, "Address")?,
@@ -156,6 +156,43 @@ fn epoch_ms(obj: &Map<String, Value>, field: &'static str) -> Result<Option<i64>
     }
 }
 
+/// A date of birth as epoch milliseconds. The API sends a number; exports made by other tools
+/// also carry the .NET form `/Date(ms)/` or an ISO date (`YYYY-MM-DD`, possibly with a time),
+/// which stands for that date's UTC midnight.
+fn birth_epoch_ms(
+    obj: &Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<i64>, ConvertError> {
+    let Some(Value::String(s)) = obj.get(field) else {
+        return epoch_ms(obj, field);
+    };
+    let s = s.trim();
+    if let Some(ms) = s
+        .strip_prefix("/Date(")
+        .and_then(|rest| rest.strip_suffix(")/"))
+    {
+        // The .NET form may carry an offset after the number (`/Date(ms+0100)/`); the number
+        // is the instant either way.
+        let end = ms
+            .get(1..)
+            .and_then(|rest| rest.find(['+', '-']))
+            .map_or(ms.len(), |i| i + 1);
+        return ms[..end]
+            .parse::<i64>()
+            .map(Some)
+            .map_err(|_| ConvertError::Format(field));
+    }
+    let iso = s
+        .get(..10)
+        .filter(|_| s.len() == 10 || s[10..].starts_with('T') || s[10..].starts_with(' '));
+    if let Some(date) = iso.and_then(|d| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").ok()) {
+        return Ok(date
+            .and_hms_opt(0, 0, 0)
+            .map(|t| t.and_utc().timestamp_millis()));
+    }
+    epoch_ms(obj, field)
+}
+
 /// A boolean; missing and null are false.
 fn flag(obj: &Map<String, Value>, field: &'static str) -> Result<bool, ConvertError> {
     match obj.get(field) {
@@ -192,6 +229,41 @@ mod tests {
         assert_eq!(webhook_client_id(&intake).as_deref(), Some("7"));
         assert_eq!(webhook_client_id(&appointment).as_deref(), Some("8"));
         assert_eq!(webhook_client_id(&json!({"Type": "x"})), None);
+    }
+
+    #[test]
+    fn a_birth_date_is_read_from_epoch_ms_the_dotnet_form_or_an_iso_date() {
+        let ms = |v: Value| {
+            ClientProfile::parse(&json!({"ClientId": 1, "DateOfBirth": v}))
+                .map(|p| p.date_of_birth_ms)
+                .map_err(|e| e.to_string())
+        };
+        // 1980-01-02T00:00:00Z and 1969-12-31T05:00:00Z (a US Eastern midnight).
+        let day = 315_619_200_000;
+        assert_eq!(ms(json!(day)), Ok(Some(day)));
+        assert_eq!(ms(json!(day.to_string())), Ok(Some(day)));
+        assert_eq!(ms(json!("1980-01-02")), Ok(Some(day)));
+        assert_eq!(ms(json!(" 1980-01-02T00:00:00Z ")), Ok(Some(day)));
+        assert_eq!(ms(json!("1980-01-02 00:00:00")), Ok(Some(day)));
+        assert_eq!(ms(json!(format!("/Date({day})/"))), Ok(Some(day)));
+        assert_eq!(ms(json!(format!("/Date({day}-0500)/"))), Ok(Some(day)));
+        assert_eq!(ms(json!("/Date(-68400000)/")), Ok(Some(-68_400_000)));
+        assert_eq!(ms(json!("")), Ok(None));
+        assert_eq!(ms(Value::Null), Ok(None));
+        for bad in [
+            "01/02/1980",
+            "1980-13-02",
+            "1980-01-02x",
+            "/Date(x)/",
+            "/Date()/",
+            "Jane",
+        ] {
+            assert_eq!(
+                ms(json!(bad)),
+                Err("field `DateOfBirth` has an unexpected format".to_string()),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
