@@ -262,6 +262,64 @@ impl Patients {
     }
 }
 
+fn bucket_of(h: u64) -> usize {
+    (h >> (64 - BUCKET_BITS)) as usize
+}
+
+/// The key-hash index of [`Loaded`]: every record's key hashes placed by bucket (a counting
+/// sort, so no 16-byte entries are ever held), then each bucket sorted and deduplicated.
+/// Entries keep the low 32 bits of the hash; the bucket is the top [`BUCKET_BITS`].
+fn key_index(key_hashes: &[u64], key_offsets: &[u32]) -> (Vec<(u32, u32)>, Vec<u32>) {
+    let buckets_n = 1usize << BUCKET_BITS;
+    let mut starts = vec![0u32; buckets_n + 1];
+    for &h in key_hashes {
+        starts[bucket_of(h) + 1] += 1;
+    }
+    for b in 0..buckets_n {
+        starts[b + 1] += starts[b];
+    }
+    let mut index = vec![(0u32, 0u32); key_hashes.len()];
+    let mut fill = starts.clone();
+    for (i, w) in key_offsets.windows(2).enumerate() {
+        for &h in &key_hashes[w[0] as usize..w[1] as usize] {
+            let at = &mut fill[bucket_of(h)];
+            index[*at as usize] = (h as u32, i as u32);
+            *at += 1;
+        }
+    }
+    drop(fill);
+    let mut buckets = Vec::with_capacity(buckets_n + 1);
+    let mut out = 0usize;
+    for b in 0..buckets_n {
+        buckets.push(out as u32);
+        let (start, end) = (starts[b] as usize, starts[b + 1] as usize);
+        index[start..end].sort_unstable();
+        let mut last = None;
+        for at in start..end {
+            let entry = index[at];
+            if last != Some(entry) {
+                index[out] = entry;
+                out += 1;
+                last = Some(entry);
+            }
+        }
+    }
+    buckets.push(out as u32);
+    index.truncate(out);
+    index.shrink_to_fit();
+    (index, buckets)
+}
+
+/// The entries of a [`key_index`] for hash `h`.
+fn with_hash<'i>(index: &'i [(u32, u32)], buckets: &[u32], h: u64) -> &'i [(u32, u32)] {
+    let b = bucket_of(h);
+    let low = h as u32;
+    let bucket = &index[buckets[b] as usize..buckets[b + 1] as usize];
+    let start = bucket.partition_point(|&(x, _)| x < low);
+    let end = start + bucket[start..].partition_point(|&(x, _)| x == low);
+    &bucket[start..end]
+}
+
 fn hash_key(key: &str) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     key.hash(&mut h);
@@ -320,8 +378,8 @@ struct Loaded {
     key_hashes: Vec<u64>,
     key_offsets: Vec<u32>,
     fingerprints: Vec<Fingerprint>,
-    /// `(hash, record)`, sorted.
-    index: Vec<(u64, u32)>,
+    /// `(low 32 bits of the hash, record)`, sorted within each bucket.
+    index: Vec<(u32, u32)>,
     /// Where each bucket of hashes (their top [`BUCKET_BITS`] bits) starts in `index`, so a
     /// lookup touches a few neighbouring entries instead of binary-searching millions.
     buckets: Vec<u32>,
@@ -363,13 +421,11 @@ impl Loaded {
             .unzip()
     }
 
-    /// The records with key hash `h`.
-    fn with_hash(&self, h: u64) -> &[(u64, u32)] {
-        let b = (h >> (64 - BUCKET_BITS)) as usize;
-        let bucket = &self.index[self.buckets[b] as usize..self.buckets[b + 1] as usize];
-        let start = bucket.partition_point(|&(x, _)| x < h);
-        let end = start + bucket[start..].partition_point(|&(x, _)| x == h);
-        &bucket[start..end]
+    /// The records with key hash `h` (the top [`BUCKET_BITS`] and the low 32 bits agreeing:
+    /// a record whose hash differs only in between is one more candidate, which `decide`
+    /// turns down).
+    fn with_hash(&self, h: u64) -> &[(u32, u32)] {
+        with_hash(&self.index, &self.buckets, h)
     }
 
     fn hashes(&self, i: u32) -> &[u64] {
@@ -404,7 +460,16 @@ pub async fn rebuild(
     let (cluster_of, clusters, decided, rules, proposals) = cluster(&loaded, settings, options);
     let mut patients = loaded.patients;
     let names = name_clusters(&clusters, &loaded.current, &mut patients);
-    let loaded = Loaded { patients, ..loaded };
+    // What only clustering reads (every record's key hashes and their index, about 160 MiB
+    // at a million records) is freed before writing.
+    let loaded = Loaded {
+        patients,
+        key_hashes: Vec::new(),
+        key_offsets: Vec::new(),
+        index: Vec::new(),
+        buckets: Vec::new(),
+        ..loaded
+    };
     report.patients = clusters.len() as u64;
     report.clustered_ms = started.elapsed().as_millis() as u64;
     info!(
@@ -910,23 +975,7 @@ async fn load(
     key_hashes.shrink_to_fit();
     let mut by_key: Vec<u32> = (0..prepared.len() as u32).collect();
     by_key.sort_by(|&a, &b| prepared[a as usize].key.cmp(&prepared[b as usize].key));
-    let mut index: Vec<(u64, u32)> = Vec::with_capacity(key_hashes.len());
-    for i in 0..prepared.len() {
-        for &h in &key_hashes[key_offsets[i] as usize..key_offsets[i + 1] as usize] {
-            index.push((h, i as u32));
-        }
-    }
-    index.sort_unstable();
-    index.dedup();
-    let mut buckets = Vec::with_capacity((1 << BUCKET_BITS) + 1);
-    let mut at = 0usize;
-    for b in 0..(1u64 << BUCKET_BITS) {
-        while at < index.len() && (index[at].0 >> (64 - BUCKET_BITS)) < b {
-            at += 1;
-        }
-        buckets.push(at as u32);
-    }
-    buckets.push(index.len() as u32);
+    let (index, buckets) = key_index(&key_hashes, &key_offsets);
 
     info!(
         records = prepared.len(),

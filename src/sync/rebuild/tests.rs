@@ -1,5 +1,6 @@
 //! Rebuild on SQLite: the bulk load of blocking keys (a rebuild from bare records) leaves the
-//! same keys, links and index as writing them record by record.
+//! same keys, links and index as writing them record by record. And the key-hash index finds
+//! exactly the records a plain search finds.
 
 use chrono::{NaiveDate, TimeZone, Utc};
 
@@ -149,4 +150,62 @@ async fn bulk_key_load_writes_what_record_by_record_writes() {
         let again = rebuild(store, &settings, &bulk, now).await.unwrap();
         assert_eq!(again.changes(), 0, "{again:?}");
     }
+}
+
+#[test]
+fn the_key_index_finds_every_record_with_a_hash_and_no_other() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    // 3,000 records of 0-9 keys drawn from 5,000 hashes (so many are shared), one hash twice
+    // in a record, and hashes that share a bucket and the low 32 bits.
+    let pool: Vec<u64> = (0..5_000)
+        .map(|i| match i {
+            0 => 0,
+            1 => u64::MAX,
+            2 => 0xFFFF_F000_0000_0001,
+            3 => 0xFFFF_F0FF_0000_0001, // same bucket and low bits as 2
+            _ => rng.gen(),
+        })
+        .collect();
+    let mut key_hashes = Vec::new();
+    let mut key_offsets = vec![0u32];
+    for r in 0..3_000u32 {
+        for _ in 0..rng.gen_range(0..10) {
+            key_hashes.push(pool[rng.gen_range(0..pool.len())]);
+        }
+        if r == 5 {
+            key_hashes.extend([pool[2], pool[2], pool[3]]);
+        }
+        key_offsets.push(key_hashes.len() as u32);
+    }
+    let (index, buckets) = super::key_index(&key_hashes, &key_offsets);
+    let loaded_like = |h: u64| -> Vec<u32> {
+        super::with_hash(&index, &buckets, h)
+            .iter()
+            .map(|e| e.1)
+            .collect()
+    };
+    let mut expected_len = 0;
+    for &h in &pool {
+        let same = |x: u64| super::bucket_of(x) == super::bucket_of(h) && x as u32 == h as u32;
+        let mut want: Vec<u32> = key_offsets
+            .windows(2)
+            .enumerate()
+            .filter(|(_, w)| {
+                key_hashes[w[0] as usize..w[1] as usize]
+                    .iter()
+                    .any(|&x| same(x))
+            })
+            .map(|(i, _)| i as u32)
+            .collect();
+        want.sort_unstable();
+        assert_eq!(loaded_like(h), want, "hash {h:x}");
+    }
+    for b in 0..(buckets.len() - 1) {
+        let bucket = &index[buckets[b] as usize..buckets[b + 1] as usize];
+        assert!(bucket.windows(2).all(|w| w[0] < w[1]), "sorted, no repeats");
+        expected_len += bucket.len();
+    }
+    assert_eq!(index.len(), expected_len);
+    assert!(loaded_like(pool[2]).contains(&5) && loaded_like(pool[3]).contains(&5));
 }
