@@ -97,7 +97,16 @@ string_id!(
 impl PatientId {
     /// A new time-ordered id (UUIDv7), so ids sort roughly by creation.
     pub fn generate() -> Self {
-        Self(uuid::Uuid::now_v7().to_string())
+        Self::from_uuid(Self::new_uuid())
+    }
+
+    /// The UUID a new id is made of (version 7: ordered by creation time).
+    pub fn new_uuid() -> uuid::Uuid {
+        uuid::Uuid::now_v7()
+    }
+
+    pub fn from_uuid(id: uuid::Uuid) -> Self {
+        Self(id.to_string())
     }
 }
 

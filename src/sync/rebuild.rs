@@ -236,12 +236,18 @@ impl<'a> Views<'a> {
     }
 }
 
-/// Interned patient ids.
+/// Interned patient ids: stored ones by value, new ones as UUIDs (16 bytes instead of a
+/// 36-character string each, for up to every cluster of a rebuild from bare records), marked
+/// by [`FRESH`] in their number.
 #[derive(Default)]
 struct Patients {
     ids: Vec<PatientId>,
     index: HashMap<PatientId, u32>,
+    fresh: Vec<uuid::Uuid>,
 }
+
+/// The bit that marks a new patient's number in [`Patients`].
+const FRESH: u32 = 1 << 31;
 
 impl Patients {
     fn intern(&mut self, id: &PatientId) -> u32 {
@@ -254,11 +260,28 @@ impl Patients {
         i
     }
 
-    /// A new id, never looked up by value during this rebuild (no stored row or link has
-    /// it), so kept without an index entry.
-    fn push_new(&mut self, id: PatientId) -> u32 {
-        self.ids.push(id);
-        self.ids.len() as u32 - 1
+    /// A new id (as [`PatientId::generate`] makes them), never looked up by value during this
+    /// rebuild (no stored row or link has it), so kept without an index entry.
+    fn push_new(&mut self) -> u32 {
+        self.fresh.push(PatientId::new_uuid());
+        assert!(
+            self.fresh.len() < FRESH as usize,
+            "fewer than 2^31 patients"
+        );
+        (self.fresh.len() as u32 - 1) | FRESH
+    }
+
+    /// Patient number `i`'s id.
+    fn id(&self, i: u32) -> PatientId {
+        if i & FRESH != 0 {
+            PatientId::from_uuid(self.fresh[(i & !FRESH) as usize])
+        } else {
+            self.ids[i as usize].clone()
+        }
+    }
+
+    fn is_fresh(i: u32) -> bool {
+        i != NONE && i & FRESH != 0
     }
 }
 
@@ -496,9 +519,8 @@ pub async fn rebuild(
                     rule: NONE,
                     score: None,
                 });
-                let patient_id = loaded.patients.ids[target as usize].clone();
-                let previous_patient_id =
-                    previous.map(|p| loaded.patients.ids[p.patient as usize].clone());
+                let patient_id = loaded.patients.id(target);
+                let previous_patient_id = previous.map(|p| loaded.patients.id(p.patient));
                 if previous.is_some() {
                     report.links_moved += 1;
                 } else {
@@ -547,7 +569,7 @@ pub async fn rebuild(
         if let Some(tx) = writer.tx().await? {
             tx.open_review(
                 loaded.key(*record),
-                &loaded.patients.ids[patient as usize],
+                &loaded.patients.id(patient),
                 *score,
                 now,
             )
@@ -610,7 +632,7 @@ pub async fn rebuild(
         let Loaded { prepared, .. } = Arc::try_unwrap(loaded)
             .unwrap_or_else(|_| panic!("the row thread is done with the records"));
         let (sorted, keys) = SortedKeys::new(prepared, &rewrite);
-        writer.fresh_keys(&sorted, &keys).await?;
+        writer.fresh_keys(sorted, keys).await?;
     } else {
         for &i in &rewrite {
             let prepared = &loaded.prepared[i as usize];
@@ -724,8 +746,11 @@ impl Rows {
         now: DateTime<Utc>,
     ) -> Self {
         let mut cluster_of_patient = HashMap::new();
+        // Only stored patients are looked up by id.
         for (c, &p) in names.iter().enumerate() {
-            cluster_of_patient.insert(p, c as u32);
+            if !Patients::is_fresh(p) {
+                cluster_of_patient.insert(p, c as u32);
+            }
         }
         let mut went_to: HashMap<u32, BTreeMap<u32, u32>> = HashMap::new();
         for (i, cur) in loaded.current.iter().enumerate() {
@@ -793,7 +818,7 @@ impl Rows {
                         targets
                             .iter()
                             .max_by_key(|(p, n)| (**n, std::cmp::Reverse(**p)))
-                            .map(|(p, _)| loaded.patients.ids[*p as usize].clone())
+                            .map(|(p, _)| loaded.patients.id(*p))
                     });
                 let mut row = old;
                 row.status = if into.is_some() { "merged" } else { "deleted" }.into();
@@ -809,7 +834,7 @@ impl Rows {
 
     /// The row of a cluster no stored row stands for.
     fn new_row(&self, c: usize, counts: &mut RowCounts) -> Option<(PatientRow, Vec<FieldSource>)> {
-        let patient_id = &self.loaded.patients.ids[self.names[c] as usize];
+        let patient_id = &self.loaded.patients.id(self.names[c]);
         let (members, phones) = self.loaded.members(&self.members[c]);
         let golden = identity::golden_record_with_phones(
             patient_id,
@@ -1307,7 +1332,7 @@ fn name_clusters(
         }
     }
     for name in names.iter_mut().filter(|n| **n == NONE) {
-        *name = patients.push_new(PatientId::generate());
+        *name = patients.push_new();
     }
     names
 }
@@ -1424,7 +1449,7 @@ impl<'a> Writer<'a> {
 
     /// Inserts the keys of records with none stored in one transaction, in key order (see
     /// [`StoreTx::match_keys_bulk_load`]).
-    async fn fresh_keys(&mut self, runs: &[SortedKeys], keys: &[SourceKey]) -> StoreResult<()> {
+    async fn fresh_keys(&mut self, runs: Vec<SortedKeys>, keys: Vec<SourceKey>) -> StoreResult<()> {
         self.flush().await?;
         let Some(tx) = self.tx().await? else {
             return Ok(());
@@ -1432,7 +1457,7 @@ impl<'a> Writer<'a> {
         tx.match_keys_bulk_load(true).await?;
         // A few statements' worth at a time.
         let mut rows: Vec<(&str, &SourceKey)> = Vec::new();
-        for sorted in runs {
+        for sorted in &runs {
             for part in sorted.rows.chunks(20_000) {
                 rows.clear();
                 rows.extend(
@@ -1442,6 +1467,12 @@ impl<'a> Writer<'a> {
                 tx.insert_match_keys(&rows).await?;
             }
         }
+        // The keys are in. Their buffers go, and the page cache is set back (SQLite bounds the
+        // index's in-memory sort by it), before the other index is built.
+        drop(rows);
+        drop(runs);
+        drop(keys);
+        tx.bulk_write_cache(0).await?;
         tx.match_keys_bulk_load(false).await?;
         if let Some(tx) = self.tx.take() {
             commit(tx).await?;
