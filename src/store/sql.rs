@@ -1672,14 +1672,22 @@ macro_rules! impl_store {
                             .await?;
                     } else {
                         // The same definition as the migration's. Its sort spills to a temporary
-                        // file instead of memory (at a million records it is some 400 MiB).
-                        sqlx::query("PRAGMA temp_store = FILE").execute(&mut *self.tx).await?;
+                        // file instead of memory (at a million records it is some 400 MiB). Best
+                        // effort: inside a transaction SQLite refuses the switch once a temporary
+                        // database is open (nothing here opens one), and the sort then runs in
+                        // memory as before.
+                        let spill = sqlx::query("PRAGMA temp_store = FILE")
+                            .execute(&mut *self.tx)
+                            .await
+                            .is_ok();
                         let created = sqlx::query(
                             "CREATE INDEX IF NOT EXISTS match_keys_record ON match_keys (source, source_id)",
                         )
                         .execute(&mut *self.tx)
                         .await;
-                        sqlx::query("PRAGMA temp_store = MEMORY").execute(&mut *self.tx).await?;
+                        if spill {
+                            sqlx::query("PRAGMA temp_store = MEMORY").execute(&mut *self.tx).await?;
+                        }
                         created?;
                     }
                 }
