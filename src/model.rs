@@ -105,6 +105,7 @@ impl PatientId {
         uuid::Uuid::now_v7()
     }
 
+    /// The id of a UUID, written as [`PatientId::generate`] writes it.
     pub fn from_uuid(id: uuid::Uuid) -> Self {
         Self(id.to_string())
     }
