@@ -87,6 +87,22 @@ impl ConvertError {
     }
 }
 
+/// A birth date written as text: `YYYY-MM-DD`, a timestamp whose date part is taken as is
+/// (`YYYY-MM-DDT...` or `YYYY-MM-DD ...`), or the ISO 8601 basic form `YYYYMMDD`. Any other
+/// form (`01/02/1980` could be either of two dates) is `None`.
+pub fn parse_birth_date(text: &str) -> Option<chrono::NaiveDate> {
+    let text = text.trim();
+    if text.len() == 8 && text.bytes().all(|b| b.is_ascii_digit()) {
+        return chrono::NaiveDate::parse_from_str(text, "%Y%m%d").ok();
+    }
+    let date = text.get(..10)?;
+    let rest = &text[10..];
+    if !(rest.is_empty() || rest.starts_with('T') || rest.starts_with(' ')) {
+        return None;
+    }
+    chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d").ok()
+}
+
 /// A record the source reports deleted, with no fields: its last known values stay in the
 /// stored snapshot history only through `raw`.
 pub fn tombstone(
@@ -164,5 +180,36 @@ pub trait Source: Send + Sync {
     /// The credential's upstream (its limiters), for sharing them across processes.
     fn upstream(&self) -> Option<&http::Upstream> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_birth_date;
+    use chrono::NaiveDate;
+
+    #[test]
+    fn birth_dates_are_read_in_iso_forms_only() {
+        let date = NaiveDate::from_ymd_opt(1984, 7, 19);
+        for text in [
+            "1984-07-19",
+            " 1984-07-19 ",
+            "1984-07-19T00:00:00-05:00",
+            "1984-07-19 00:00:00 -0500",
+            "19840719",
+        ] {
+            assert_eq!(parse_birth_date(text), date, "{text}");
+        }
+        for text in [
+            "07/19/1984",
+            "19/07/1984",
+            "1984-07-19x",
+            "1984-13-19",
+            "19841319",
+            "1984719",
+            "",
+        ] {
+            assert_eq!(parse_birth_date(text), None, "{text}");
+        }
     }
 }

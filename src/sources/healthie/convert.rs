@@ -317,17 +317,9 @@ fn clean(value: Option<&str>) -> Option<String> {
         .map(str::to_string)
 }
 
-/// `dob`: `YYYY-MM-DD`, or a datetime whose date part is taken as is.
+/// `dob`: `YYYY-MM-DD`, a datetime whose date part is taken as is, or `YYYYMMDD`.
 pub fn parse_dob(text: &str) -> Option<NaiveDate> {
-    let text = text.trim();
-    if let Ok(date) = NaiveDate::parse_from_str(text, "%Y-%m-%d") {
-        return Some(date);
-    }
-    let (date, rest) = (text.get(..10)?, &text[10..]);
-    if !(rest.starts_with('T') || rest.starts_with(' ')) {
-        return None;
-    }
-    NaiveDate::parse_from_str(date, "%Y-%m-%d").ok()
+    crate::sources::parse_birth_date(text)
 }
 
 /// `updated_at`: RFC 3339 (`2024-05-01T10:00:00-04:00`), or Healthie's legacy
@@ -534,6 +526,7 @@ mod tests {
             "1984-07-19",
             "1984-07-19T00:00:00-05:00",
             "1984-07-19 00:00:00 -0500",
+            "19840719",
         ] {
             let r = convert(&with(json!({ "dob": text })));
             assert_eq!(r.fields.birth_date, date, "{text}");

@@ -191,13 +191,12 @@ fn text(obj: &Map<String, Value>, field: &'static str) -> Result<Option<String>,
     }
 }
 
-/// `YYYY-MM-DD`; a full timestamp is read for its date part.
+/// `YYYY-MM-DD`; a full timestamp is read for its date part ([`crate::sources::parse_birth_date`]).
 fn date(obj: &Map<String, Value>, field: &'static str) -> Result<Option<NaiveDate>, ConvertError> {
     let Some(s) = text(obj, field)? else {
         return Ok(None);
     };
-    s.get(..10)
-        .and_then(|d| NaiveDate::parse_from_str(d, "%Y-%m-%d").ok())
+    crate::sources::parse_birth_date(&s)
         .map(Some)
         .ok_or(ConvertError::Format(field))
 }

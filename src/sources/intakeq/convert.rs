@@ -5,7 +5,8 @@
 //!   split (first word given, last word family, the rest middle). IntakeQ has no preferred name.
 //! - birth date: `DateOfBirth` epoch milliseconds -> the calendar date whose UTC midnight is
 //!   nearest (see [`birth_date_from_epoch_ms`]); exports written by other tools may carry
-//!   `/Date(ms)/` or an ISO date instead, read as the same instant or that date.
+//!   `/Date(ms)/` or an ISO date (`YYYY-MM-DD`, `YYYYMMDD`) instead, read as the same instant
+//!   or that date.
 //! - `Gender` (free text): female/male/intersex (and f/m/woman/man) -> `sex`; a declined or
 //!   unknown answer -> nothing; any other text -> `gender_identity`, as given.
 //! - email: `Email`; phones: `Phone`, `MobilePhone`, `HomePhone`, `WorkPhone` in that order,

@@ -157,14 +157,30 @@ fn epoch_ms(obj: &Map<String, Value>, field: &'static str) -> Result<Option<i64>
 }
 
 /// A date of birth as epoch milliseconds. The API sends a number; exports made by other tools
-/// also carry the .NET form `/Date(ms)/` or an ISO date (`YYYY-MM-DD`, possibly with a time),
-/// which stands for that date's UTC midnight.
+/// also carry the .NET form `/Date(ms)/`, or a date (`YYYY-MM-DD`, possibly with a time, or
+/// `YYYYMMDD`, as text or as an 8-digit number), which stands for that date's UTC midnight. No
+/// timezone's midnight on 1970-01-01 or 02 reads as a valid `YYYYMMDD` (their last five digits
+/// are zeros), so an 8-digit instant is never taken for a date.
 fn birth_epoch_ms(
     obj: &Map<String, Value>,
     field: &'static str,
 ) -> Result<Option<i64>, ConvertError> {
+    let midnight = |d: chrono::NaiveDate| {
+        d.and_hms_opt(0, 0, 0)
+            .map(|t| t.and_utc().timestamp_millis())
+    };
+    let compact = |ms: i64| {
+        (10_000_000..=99_999_999)
+            .contains(&ms)
+            .then(|| crate::sources::parse_birth_date(&ms.to_string()))
+            .flatten()
+    };
     let Some(Value::String(s)) = obj.get(field) else {
-        return epoch_ms(obj, field);
+        let ms = epoch_ms(obj, field)?;
+        return Ok(match ms.and_then(compact) {
+            Some(date) => midnight(date),
+            None => ms,
+        });
     };
     let s = s.trim();
     if let Some(ms) = s
@@ -182,13 +198,8 @@ fn birth_epoch_ms(
             .map(Some)
             .map_err(|_| ConvertError::Format(field));
     }
-    let iso = s
-        .get(..10)
-        .filter(|_| s.len() == 10 || s[10..].starts_with('T') || s[10..].starts_with(' '));
-    if let Some(date) = iso.and_then(|d| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").ok()) {
-        return Ok(date
-            .and_hms_opt(0, 0, 0)
-            .map(|t| t.and_utc().timestamp_millis()));
+    if let Some(date) = crate::sources::parse_birth_date(s) {
+        return Ok(midnight(date));
     }
     epoch_ms(obj, field)
 }
@@ -248,6 +259,11 @@ mod tests {
         assert_eq!(ms(json!(format!("/Date({day})/"))), Ok(Some(day)));
         assert_eq!(ms(json!(format!("/Date({day}-0500)/"))), Ok(Some(day)));
         assert_eq!(ms(json!("/Date(-68400000)/")), Ok(Some(-68_400_000)));
+        // `YYYYMMDD`, as text or number; 8-digit instants (US midnights of 1970-01-01) stay.
+        assert_eq!(ms(json!("19800102")), Ok(Some(day)));
+        assert_eq!(ms(json!(19_800_102)), Ok(Some(day)));
+        assert_eq!(ms(json!(18_000_000)), Ok(Some(18_000_000)));
+        assert_eq!(ms(json!("28800000")), Ok(Some(28_800_000)));
         assert_eq!(ms(json!("")), Ok(None));
         assert_eq!(ms(Value::Null), Ok(None));
         for bad in [
