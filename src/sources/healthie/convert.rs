@@ -526,7 +526,6 @@ mod tests {
             "1984-07-19",
             "1984-07-19T00:00:00-05:00",
             "1984-07-19 00:00:00 -0500",
-            "19840719",
         ] {
             let r = convert(&with(json!({ "dob": text })));
             assert_eq!(r.fields.birth_date, date, "{text}");
