@@ -22,6 +22,21 @@ pub struct Applied {
     pub patient_id: Option<PatientId>,
 }
 
+/// Takes the lock [`apply_record`] takes first for each of `keys`, all at once and sorted, so
+/// that two transactions applying overlapping sets of records wait for each other instead of
+/// deadlocking. Taking one again later in the same transaction is free.
+pub async fn lock_records<'a>(
+    tx: &mut dyn StoreTx,
+    keys: impl IntoIterator<Item = &'a SourceKey>,
+) -> StoreResult<()> {
+    let held: std::collections::BTreeSet<String> =
+        keys.into_iter().map(|k| k.to_string()).collect();
+    for key in &held {
+        tx.lock(key).await?;
+    }
+    Ok(())
+}
+
 /// Saves `record` and brings links and canonical rows up to date. Stale snapshots change
 /// nothing; unchanged ones only make sure the record is linked.
 pub async fn apply_record(

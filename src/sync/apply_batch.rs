@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use crate::identity::{self, LinkTarget, MatchConfig, Prepared, PreparedCandidate, ReviewProposal};
 use crate::model::{PatientId, RecordStatus, SourceId, SourceKey, SourceKind, SourceRecord};
 use crate::store::{Link, LinkEvent, LinkMethod, SaveOutcome, StoreResult, StoreTx};
-use crate::sync::apply::{apply_record, next_row, Applied, IdentitySettings};
+use crate::sync::apply::{apply_record, lock_records, next_row, Applied, IdentitySettings};
 
 /// Applies `records` in order inside the caller's transaction; one [`Applied`] per record.
 /// The result equals calling [`apply_record`] for each in turn.
@@ -22,13 +22,10 @@ pub async fn apply_records(
     settings: &IdentitySettings,
     now: DateTime<Utc>,
 ) -> StoreResult<Vec<Applied>> {
-    // Every record's key first (the lock `apply_record` takes first), so that another
-    // transaction storing one of these records (a worker, another process) has committed
-    // before the records are sorted into stored and new, or waits until this one commits.
-    let held: BTreeSet<String> = records.iter().map(|r| r.key.to_string()).collect();
-    for key in &held {
-        tx.lock(key).await?;
-    }
+    // Every record's key first, so that another transaction storing one of these records (a
+    // worker, another process) has committed before the records are sorted into stored and
+    // new, or waits until this one commits.
+    lock_records(tx, records.iter().map(|r| &r.key)).await?;
     let mut known: HashSet<SourceKey> = HashSet::new();
     for (source, ids) in ids_by_source(records) {
         known.extend(

@@ -483,7 +483,7 @@ pub async fn rebuild(
     let (cluster_of, clusters, decided, rules, proposals) = cluster(&loaded, settings, options);
     let mut patients = loaded.patients;
     let names = name_clusters(&clusters, &loaded.current, &mut patients);
-    // What only clustering reads (every record's key hashes and their index, about 160 MiB
+    // What only clustering reads (every record's key hashes and their index, about 110 MiB
     // at a million records) is freed before writing.
     let loaded = Loaded {
         patients,

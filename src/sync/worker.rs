@@ -24,7 +24,7 @@ use crate::model::{InboxId, RecordStatus, SourceId, SourceKey, SourceKind, Sourc
 use crate::sources::http::FetchError;
 use crate::sources::{Plan, Source};
 use crate::store::{now_ms, InboxItem, RetryAt, Store, StoreError};
-use crate::sync::apply::{apply_record, fold_patient, IdentitySettings};
+use crate::sync::apply::{apply_record, fold_patient, lock_records, IdentitySettings};
 
 /// Totals of one drain, for summaries and tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -473,12 +473,7 @@ impl Worker {
     ) -> Result<(), StoreError> {
         let now = Utc::now();
         let mut tx = self.store.begin().await?;
-        // Every record's key first, in one order (as a resync page takes them), so that two
-        // transactions applying overlapping records wait for each other instead of deadlocking.
-        let held: BTreeSet<String> = records.iter().map(|r| r.key.to_string()).collect();
-        for key in &held {
-            tx.lock(key).await?;
-        }
+        lock_records(tx.as_mut(), records.iter().map(|r| &r.key)).await?;
         let mut patients = Vec::new();
         for record in records {
             let applied = apply_record(tx.as_mut(), record, &self.identity, now).await?;

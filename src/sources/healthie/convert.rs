@@ -19,7 +19,7 @@
 //! - `source_updated_at` from `updated_at`: RFC 3339, or Healthie's legacy
 //!   `YYYY-MM-DD HH:MM:SS -0500` (also with a `UTC` suffix).
 
-use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+use chrono::{DateTime, NaiveDateTime, Utc};
 use serde_json::{Map, Value};
 
 use super::operations::{get_user, get_users};
@@ -230,7 +230,7 @@ pub fn user_to_record(
         None => (first, None),
     };
     let birth_date = clean(user.dob.as_deref())
-        .map(|dob| parse_dob(&dob).ok_or(ConvertError::Format("dob")))
+        .map(|dob| crate::sources::parse_birth_date(&dob).ok_or(ConvertError::Format("dob")))
         .transpose()?;
     let email = if user.skipped_email == Some(true) {
         None
@@ -317,11 +317,6 @@ fn clean(value: Option<&str>) -> Option<String> {
         .map(str::to_string)
 }
 
-/// `dob`: `YYYY-MM-DD`, a datetime whose date part is taken as is, or `YYYYMMDD`.
-pub fn parse_dob(text: &str) -> Option<NaiveDate> {
-    crate::sources::parse_birth_date(text)
-}
-
 /// `updated_at`: RFC 3339 (`2024-05-01T10:00:00-04:00`), or Healthie's legacy
 /// `2024-05-01 10:00:00 -0400` (also `... UTC`), with optional fractional seconds.
 pub fn parse_updated_at(text: &str) -> Option<DateTime<Utc>> {
@@ -342,7 +337,7 @@ pub fn parse_updated_at(text: &str) -> Option<DateTime<Utc>> {
 
 #[cfg(test)]
 mod tests {
-    use chrono::TimeZone;
+    use chrono::{NaiveDate, TimeZone};
     use serde_json::json;
 
     use super::*;
