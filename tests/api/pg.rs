@@ -1,6 +1,7 @@
 //! A throwaway Postgres server for the test run, started from the system's binaries (as
 //! `nobody` when the tests run as root, since the server refuses root). One server per test
-//! process, one fresh database per test; the server dies with the test process. A test that
+//! process, one fresh database per test; the server dies with the test process and its
+//! directory is removed when the process exits (or, after a kill, by the next run). A test that
 //! restarts Postgres starts its own [`PgServer`].
 
 use std::io::{BufRead, BufReader};
@@ -14,6 +15,9 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 const NOBODY: u32 = 65534;
+const DIR_PREFIX: &str = "patient-sync-pg-";
+/// The file in a server's directory naming the test process that owns it.
+const OWNER_FILE: &str = "owner.pid";
 
 static SERVER: OnceLock<Result<PgServer, String>> = OnceLock::new();
 static NEXT_DB: AtomicU32 = AtomicU32::new(0);
@@ -97,11 +101,14 @@ impl PgServer {
     /// Creates a data directory with initdb and starts the server on a free port.
     pub fn init() -> Result<Self, String> {
         let bindir = find_bindir()?;
+        remove_abandoned_dirs();
         let root = tempfile::Builder::new()
-            .prefix("patient-sync-pg-")
+            .prefix(DIR_PREFIX)
             .tempdir()
             .map_err(|e| format!("cannot create a directory for the test server: {e}"))?
             .keep();
+        std::fs::write(root.join(OWNER_FILE), std::process::id().to_string())
+            .map_err(|e| format!("cannot write {OWNER_FILE}: {e}"))?;
         let data = root.join("data");
         std::fs::create_dir(&data).map_err(|e| e.to_string())?;
         if is_root() {
@@ -263,9 +270,59 @@ impl Drop for PgServer {
     }
 }
 
+/// Removes server directories left by test processes that were killed (a killed process runs
+/// no exit hook). A directory whose owner file is missing is taken as abandoned once it is ten
+/// minutes old, so one being set up by another process is left alone.
+fn remove_abandoned_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let is_ours = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(DIR_PREFIX));
+        if !is_ours || !path.is_dir() {
+            continue;
+        }
+        let abandoned = match std::fs::read_to_string(path.join(OWNER_FILE)) {
+            Ok(pid) => pid
+                .trim()
+                .parse::<u32>()
+                .is_ok_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()),
+            Err(_) => entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > Duration::from_secs(600)),
+        };
+        if abandoned {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
+}
+
+/// Stops the shared server and removes its directory; statics are never dropped, so this runs
+/// from the C library's exit hooks.
+extern "C" fn remove_shared_server() {
+    if let Some(Ok(server)) = SERVER.get() {
+        server.stop();
+        let _ = std::fs::remove_dir_all(&server.root);
+    }
+}
+
+fn init_shared_server() -> Result<PgServer, String> {
+    let server = PgServer::init()?;
+    // SAFETY: registers a function with no arguments that touches only this module's state.
+    unsafe { libc::atexit(remove_shared_server) };
+    Ok(server)
+}
+
 /// A url to a fresh, empty database on the shared test server.
 pub async fn fresh_database() -> String {
-    match SERVER.get_or_init(PgServer::init) {
+    match SERVER.get_or_init(init_shared_server) {
         Ok(server) => server.fresh_database().await,
         Err(e) => panic!("cannot start the test Postgres server: {e}"),
     }
