@@ -465,6 +465,9 @@ pub async fn rebuild(
     options: &RebuildOptions,
     now: DateTime<Utc>,
 ) -> StoreResult<RebuildReport> {
+    // Each phase frees what the next does not need; the next phase's peak counts only if the
+    // allocator gives it back at once.
+    let _prompt_free = crate::alloc::PromptFree::start();
     let started = Instant::now();
     let mut report = RebuildReport {
         dry_run: options.dry_run,
