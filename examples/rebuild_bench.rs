@@ -293,8 +293,16 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .init();
+    // `REBUILD_BENCH_DB=PATH` keeps the store in PATH (a new file; kept afterwards), so that
+    // `patient-sync rebuild` can be measured on it in a process of its own.
     let dir = tempfile::tempdir()?;
-    let file = dir.path().join("bench.sqlite");
+    let file = match std::env::var_os("REBUILD_BENCH_DB") {
+        Some(path) if std::path::Path::new(&path).exists() => {
+            anyhow::bail!("REBUILD_BENCH_DB names a file that exists; give a new path")
+        }
+        Some(path) => std::path::PathBuf::from(path),
+        None => dir.path().join("bench.sqlite"),
+    };
     let url = format!("sqlite:{}", file.display());
     let wal_mib = || {
         let mut wal = file.clone().into_os_string();

@@ -236,28 +236,48 @@ impl<'a> Views<'a> {
     }
 }
 
-/// Interned patient ids: stored ones by value, new ones as UUIDs (16 bytes instead of a
-/// 36-character string each, for up to every cluster of a rebuild from bare records), marked
-/// by [`FRESH`] in their number.
+/// Interned patient ids, numbered: stored ones that are UUIDs in the form this program writes
+/// them are kept as 16-byte UUIDs (most stored ids; a 36-character string twice, in the list
+/// and in its index, took about 80 MiB more at 645,000 patients), any other stored id as its
+/// text, marked by [`OTHER`]; new ones as UUIDs, marked by [`FRESH`].
 #[derive(Default)]
 struct Patients {
-    ids: Vec<PatientId>,
-    index: HashMap<PatientId, u32>,
+    stored: Vec<uuid::Uuid>,
+    stored_index: HashMap<uuid::Uuid, u32>,
+    others: Vec<PatientId>,
+    others_index: HashMap<PatientId, u32>,
     fresh: Vec<uuid::Uuid>,
 }
 
 /// The bit that marks a new patient's number in [`Patients`].
 const FRESH: u32 = 1 << 31;
+/// The bit that marks a stored id kept as text in [`Patients`].
+const OTHER: u32 = 1 << 30;
 
 impl Patients {
     fn intern(&mut self, id: &PatientId) -> u32 {
-        if let Some(&i) = self.index.get(id) {
-            return i;
-        }
-        let i = self.ids.len() as u32;
-        self.ids.push(id.clone());
-        self.index.insert(id.clone(), i);
+        let i = match as_uuid(id) {
+            Some(u) => *self.stored_index.entry(u).or_insert_with(|| {
+                self.stored.push(u);
+                self.stored.len() as u32 - 1
+            }),
+            None => {
+                *self.others_index.entry(id.clone()).or_insert_with(|| {
+                    self.others.push(id.clone());
+                    self.others.len() as u32 - 1
+                }) | OTHER
+            }
+        };
+        assert!(i & !OTHER < OTHER, "fewer than 2^30 stored patients");
         i
+    }
+
+    /// The number of a stored id interned before.
+    fn find(&self, id: &PatientId) -> Option<u32> {
+        match as_uuid(id) {
+            Some(u) => self.stored_index.get(&u).copied(),
+            None => self.others_index.get(id).map(|i| i | OTHER),
+        }
     }
 
     /// A new id (as [`PatientId::generate`] makes them), never looked up by value during this
@@ -275,14 +295,33 @@ impl Patients {
     fn id(&self, i: u32) -> PatientId {
         if i & FRESH != 0 {
             PatientId::from_uuid(self.fresh[(i & !FRESH) as usize])
+        } else if i & OTHER != 0 {
+            self.others[(i & !OTHER) as usize].clone()
         } else {
-            self.ids[i as usize].clone()
+            PatientId::from_uuid(self.stored[i as usize])
+        }
+    }
+
+    /// Stored patients `a` and `b` in the order of their ids' text.
+    fn cmp_stored(&self, a: u32, b: u32) -> std::cmp::Ordering {
+        if (a | b) & OTHER == 0 {
+            // A UUID's bytes order as its lowercase hexadecimal text does.
+            self.stored[a as usize].cmp(&self.stored[b as usize])
+        } else {
+            self.id(a).cmp(&self.id(b))
         }
     }
 
     fn is_fresh(i: u32) -> bool {
         i != NONE && i & FRESH != 0
     }
+}
+
+/// The UUID an id is the text of, when [`PatientId::from_uuid`] writes it back the same.
+fn as_uuid(id: &PatientId) -> Option<uuid::Uuid> {
+    let u = uuid::Uuid::try_parse(id.as_str()).ok()?;
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    (u.hyphenated().encode_lower(&mut text) == id.as_str()).then_some(u)
 }
 
 fn bucket_of(h: u64) -> usize {
@@ -782,9 +821,8 @@ impl Rows {
     fn cluster(&self, patient_id: &PatientId) -> Option<u32> {
         self.loaded
             .patients
-            .index
-            .get(patient_id)
-            .and_then(|p| self.cluster_of_patient.get(p))
+            .find(patient_id)
+            .and_then(|p| self.cluster_of_patient.get(&p))
             .copied()
     }
 
@@ -814,9 +852,8 @@ impl Rows {
             None if old.status != "merged" && old.status != "deleted" => {
                 let into = loaded
                     .patients
-                    .index
-                    .get(&old.patient_id)
-                    .and_then(|p| self.went_to.get(p))
+                    .find(&old.patient_id)
+                    .and_then(|p| self.went_to.get(&p))
                     .and_then(|targets| {
                         targets
                             .iter()
@@ -1326,7 +1363,7 @@ fn name_clusters(
     claims.sort_by(|a, b| {
         b.0.cmp(&a.0)
             .then(a.1.cmp(&b.1))
-            .then_with(|| patients.ids[a.3 as usize].cmp(&patients.ids[b.3 as usize]))
+            .then_with(|| patients.cmp_stored(a.3, b.3))
     });
     for (_, _, c, p) in claims {
         if names[c as usize] == NONE && !taken.contains(&p) {

@@ -209,3 +209,38 @@ fn the_key_index_finds_every_record_with_a_hash_and_no_other() {
     assert_eq!(index.len(), expected_len);
     assert!(loaded_like(pool[2]).contains(&5) && loaded_like(pool[3]).contains(&5));
 }
+
+#[test]
+fn interned_patient_ids_come_back_as_written_and_sort_as_text() {
+    use super::{Patients, OTHER};
+    use crate::model::PatientId;
+    let written = [
+        "0190b2f4-5c3a-7d2e-9a1b-3c4d5e6f7a8b",
+        "p-42",
+        "0190B2F4-5C3A-7D2E-9A1B-3C4D5E6F7A8C",
+        "00000000-0000-0000-0000-000000000001",
+        "{0190b2f4-5c3a-7d2e-9a1b-3c4d5e6f7a8b}",
+        "f190b2f4-5c3a-7d2e-9a1b-3c4d5e6f7a8b",
+    ];
+    let mut patients = Patients::default();
+    let numbers: Vec<u32> = written
+        .iter()
+        .map(|w| patients.intern(&PatientId::from(*w)))
+        .collect();
+    // Only ids in the form this program writes are kept as UUIDs.
+    let as_text: Vec<bool> = numbers.iter().map(|n| n & OTHER != 0).collect();
+    assert_eq!(as_text, [false, true, true, false, true, false]);
+    for (w, &n) in written.iter().zip(&numbers) {
+        assert_eq!(patients.id(n).as_str(), *w);
+        assert_eq!(patients.find(&PatientId::from(*w)), Some(n));
+        assert_eq!(patients.intern(&PatientId::from(*w)), n, "interned once");
+    }
+    assert_eq!(patients.find(&PatientId::from("p-43")), None);
+    for (a, &na) in written.iter().zip(&numbers) {
+        for (b, &nb) in written.iter().zip(&numbers) {
+            assert_eq!(patients.cmp_stored(na, nb), a.cmp(b), "{a} against {b}");
+        }
+    }
+    let new = patients.push_new();
+    assert!(Patients::is_fresh(new) && !Patients::is_fresh(numbers[0]));
+}
