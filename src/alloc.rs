@@ -24,6 +24,7 @@ static PROMPT_FREE: Mutex<(usize, std::os::raw::c_long)> = Mutex::new((0, 0));
 /// (50-150 MiB at a million records). The setting is the whole process's, so only a bulk job
 /// takes it (a rebuild holds one); the service's steady churn would pay for it in page faults
 /// (about three times as many in a resync pass, and a slower median when applying a record).
+#[must_use = "prompt freeing ends when the value is dropped"]
 pub struct PromptFree(());
 
 impl PromptFree {
