@@ -974,7 +974,8 @@ async fn load(
     options: &RebuildOptions,
 ) -> StoreResult<Loaded> {
     // Page by page: each page is prepared on every core (normalisation, phones especially, is
-    // the costly part) and packed, then dropped, so whole records are never all in memory.
+    // the costly part) and packed, then dropped, so whole records are never all in memory. The
+    // next page is read (and its rows decoded) while this one is prepared.
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
@@ -984,57 +985,45 @@ async fn load(
     let mut key_hashes = Vec::new();
     let mut key_offsets = vec![0u32];
     let mut fingerprints = Vec::new();
-    let mut after: Option<SourceKey> = None;
     // The same number comes back from several systems: each is parsed once for the whole load.
     let phones = identity::PhoneMemo::new(&settings.matching.default_region);
-    type Computed = (identity::Prepared, Vec<u64>, Fingerprint);
-    loop {
-        let page = store
-            .load_source_records_page(after.as_ref(), options.page_size, false)
-            .await?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.key.clone());
-        let chunk = page.len().div_ceil(threads).max(1);
-        let per_chunk: Vec<(Vec<Computed>, compact::Records)> = std::thread::scope(|scope| {
-            let handles: Vec<_> = page
-                .chunks(chunk)
-                .map(|part| {
-                    scope.spawn(|| {
-                        let _phones = phones.install();
-                        let mut packed = compact::Records::default();
-                        let computed = part
-                            .iter()
-                            .map(|r| {
-                                let prepared = identity::Prepared::new(r, &settings.matching);
-                                // Right after preparing: the phones just parsed are remembered.
-                                let phone = identity::record_phone(&r.fields.phones);
-                                packed.push(r, phone.as_ref());
-                                let keys = prepared.record_blocking_keys();
-                                let hashes: Vec<u64> = keys.iter().map(|k| hash_key(k)).collect();
-                                let mut fp = Fingerprint::default();
-                                hashes.iter().for_each(|&h| fp.add(h));
-                                (prepared, hashes, fp)
-                            })
-                            .collect();
-                        (computed, packed)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("key computation does not panic"))
-                .collect()
-        });
-        for (computed, packed) in per_chunk {
-            records.append(&packed);
-            for (p, hashes, fp) in computed {
-                prepared.push(p);
-                key_hashes.extend(hashes);
-                key_offsets.push(key_hashes.len() as u32);
-                fingerprints.push(fp);
+    let matching = Arc::new(settings.matching.clone());
+    let (page_tx, mut page_rx) = tokio::sync::mpsc::channel::<Vec<SourceRecord>>(1);
+    let read = async move {
+        let mut after: Option<SourceKey> = None;
+        loop {
+            let page = store
+                .load_source_records_page(after.as_ref(), options.page_size, false)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.key.clone());
+            if page_tx.send(page).await.is_err() {
+                break;
             }
         }
-    }
+        StoreResult::Ok(())
+    };
+    let prepare = async {
+        while let Some(page) = page_rx.recv().await {
+            let (phones, matching) = (phones.clone(), matching.clone());
+            let per_chunk = tokio::task::spawn_blocking(move || {
+                prepare_page(&page, threads, &phones, &matching)
+            })
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+            for (computed, packed) in per_chunk {
+                records.append(&packed);
+                for (p, hashes, fp) in computed {
+                    prepared.push(p);
+                    key_hashes.extend(hashes);
+                    key_offsets.push(key_hashes.len() as u32);
+                    fingerprints.push(fp);
+                }
+            }
+        }
+    };
+    let (read, ()) = futures::join!(read, prepare);
+    read?;
     records.shrink_to_fit();
     prepared.shrink_to_fit();
     key_hashes.shrink_to_fit();
@@ -1091,6 +1080,50 @@ async fn load(
         }
     }
     Ok(loaded)
+}
+
+/// One loaded record, prepared: its matching profile, its blocking keys' hashes and their
+/// fingerprint.
+type Computed = (identity::Prepared, Vec<u64>, Fingerprint);
+
+/// Prepares a page of records on `threads` threads, each a contiguous part of it, in order.
+fn prepare_page(
+    page: &[SourceRecord],
+    threads: usize,
+    phones: &Arc<identity::PhoneMemo>,
+    matching: &identity::MatchConfig,
+) -> Vec<(Vec<Computed>, compact::Records)> {
+    let chunk = page.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = page
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(|| {
+                    let _phones = phones.install();
+                    let mut packed = compact::Records::default();
+                    let computed = part
+                        .iter()
+                        .map(|r| {
+                            let prepared = identity::Prepared::new(r, matching);
+                            // Right after preparing: the phones just parsed are remembered.
+                            let phone = identity::record_phone(&r.fields.phones);
+                            packed.push(r, phone.as_ref());
+                            let keys = prepared.record_blocking_keys();
+                            let hashes: Vec<u64> = keys.iter().map(|k| hash_key(k)).collect();
+                            let mut fp = Fingerprint::default();
+                            hashes.iter().for_each(|&h| fp.add(h));
+                            (prepared, hashes, fp)
+                        })
+                        .collect();
+                    (computed, packed)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("key computation does not panic"))
+            .collect()
+    })
 }
 
 type Clustering = (
