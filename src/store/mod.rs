@@ -658,7 +658,9 @@ pub trait StoreTx: Send {
         patient_id: &PatientId,
     ) -> StoreResult<Vec<SourceRecord>>;
     async fn load_patient(&mut self, id: &PatientId) -> StoreResult<Option<PatientRow>>;
-    /// Upserts a canonical row and replaces its field provenance.
+    /// Upserts a canonical row and replaces its field provenance. A row at version 1 (or 0) is
+    /// a patient's first write: provenance rows it does not name are only removed from later
+    /// versions.
     async fn save_patient(
         &mut self,
         row: &PatientRow,

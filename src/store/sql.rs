@@ -1579,10 +1579,11 @@ macro_rules! impl_store {
                     // Provenance: rows for fields a patient no longer has go, the rest are
                     // upserted and rewritten only when another record (or version) supplies
                     // the field, so an unchanged field keeps its row and when it was decided.
+                    // A first version has no earlier rows to remove.
                     let limit = crate::store::sql::bulk_params($backend);
                     let mut part: Vec<&(PatientRow, Vec<FieldSource>)> = Vec::new();
                     let mut params = 0;
-                    for item in chunk {
+                    for item in chunk.iter().filter(|(row, _)| row.version > 1) {
                         let needed = 1 + 2 * item.1.len();
                         if !part.is_empty() && params + needed > limit {
                             delete_stale_field_sources(&mut self.tx, $backend, &part).await?;
