@@ -65,6 +65,9 @@ pub fn limits_file(db: &std::path::Path) -> std::path::PathBuf {
 /// Page cache per connection, in KiB: 32 MiB (SQLite's default is 2 MiB), taken as used.
 pub(crate) const CACHE_KIB: i64 = 32_768;
 
+/// Rows a query's database thread hands over before it waits for the reader.
+const ROW_BUFFER: usize = 1024;
+
 impl SqliteStore {
     /// Opens (creating if missing) the database file a `sqlite:` url names.
     pub async fn connect(
@@ -85,7 +88,10 @@ impl SqliteStore {
             .pragma("temp_store", "memory")
             // A commit checkpoints the WAL itself only past about 40 MiB (the default is 4 MiB):
             // the background task below normally does it first, off the writer's path.
-            .pragma("wal_autocheckpoint", "10000");
+            .pragma("wal_autocheckpoint", "10000")
+            // Rows a statement's thread may run ahead of the reader by (sqlx's default is 50): a
+            // page of candidates is a few thousand rows, handed over in fewer, larger turns.
+            .row_buffer_size(ROW_BUFFER);
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
             .connect_with(options.clone())
