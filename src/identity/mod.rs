@@ -27,7 +27,9 @@ pub use decide::{
     decide, decide_prepared, Candidate, Decision, LinkTarget, MatchConfig, Prepared,
     PreparedCandidate, ReviewProposal,
 };
-pub use normalize::{normalize_email, phone_e164, PhoneMemo, PhoneMemoGuard};
+pub use normalize::{
+    normalize_email, phone_e164, PhoneDatabase, PhoneDatabaseGuard, PhoneMemo, PhoneMemoGuard,
+};
 pub use score::{explain, Contribution, MatchScore};
 pub use survivorship::{
     golden_record, golden_record_with_phones, record_phone, Golden, RecordPhone, SurvivorshipConfig,

@@ -1003,11 +1003,25 @@ async fn load(
         }
         StoreResult::Ok(())
     };
+    // Every loading thread but the first parses phones with a metadata database of its own, so
+    // that they do not take turns on the built-in one's lock; worth reading only for big pages.
+    let mut databases: Option<Arc<Vec<Arc<identity::PhoneDatabase>>>> = None;
     let prepare = async {
         while let Some(page) = page_rx.recv().await {
+            if databases.is_none() && threads > 1 && page.len() >= PHONE_DATABASES_FROM {
+                let made = tokio::task::spawn_blocking(move || {
+                    (1..threads)
+                        .map(|_| identity::PhoneDatabase::new())
+                        .collect()
+                })
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+                databases = Some(Arc::new(made));
+            }
             let (phones, matching) = (phones.clone(), matching.clone());
+            let own = databases.clone().unwrap_or_default();
             let per_chunk = tokio::task::spawn_blocking(move || {
-                prepare_page(&page, threads, &phones, &matching)
+                prepare_page(&page, threads, &phones, &own, &matching)
             })
             .await
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
@@ -1086,20 +1100,28 @@ async fn load(
 /// fingerprint.
 type Computed = (identity::Prepared, Vec<u64>, Fingerprint);
 
-/// Prepares a page of records on `threads` threads, each a contiguous part of it, in order.
+/// Pages of at least this many records are prepared with a phone database per extra thread.
+const PHONE_DATABASES_FROM: usize = 4_000;
+
+/// Prepares a page of records on `threads` threads, each a contiguous part of it, in order;
+/// part `k > 0` parses phones with `databases[k - 1]` when there is one.
 fn prepare_page(
     page: &[SourceRecord],
     threads: usize,
     phones: &Arc<identity::PhoneMemo>,
+    databases: &[Arc<identity::PhoneDatabase>],
     matching: &identity::MatchConfig,
 ) -> Vec<(Vec<Computed>, compact::Records)> {
     let chunk = page.len().div_ceil(threads).max(1);
     std::thread::scope(|scope| {
         let handles: Vec<_> = page
             .chunks(chunk)
-            .map(|part| {
-                scope.spawn(|| {
+            .enumerate()
+            .map(|(k, part)| {
+                let database = k.checked_sub(1).and_then(|d| databases.get(d));
+                scope.spawn(move || {
                     let _phones = phones.install();
+                    let _database = database.map(|d| d.install());
                     let mut packed = compact::Records::default();
                     let computed = part
                         .iter()
