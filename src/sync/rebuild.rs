@@ -742,16 +742,25 @@ impl SortedKeys {
         let mut rows = std::mem::take(&mut self.rows);
         // Bytewise, as SQLite compares text; the records in key order (`prepared` order is
         // `(source, source_id)` order) break ties.
-        rows.sort_unstable_by(|a, b| self.key(a.0).cmp(self.key(b.0)).then(a.1.cmp(&b.1)));
+        rows.sort_unstable_by(|a, b| {
+            self.key_bytes(a.0)
+                .cmp(self.key_bytes(b.0))
+                .then(a.1.cmp(&b.1))
+        });
         self.rows = rows;
         self.text.shrink_to_fit();
         self
     }
 
     fn key(&self, at: u32) -> &str {
+        std::str::from_utf8(self.key_bytes(at)).expect("a key")
+    }
+
+    /// The key at `at` as bytes (no UTF-8 check: sorting compares them millions of times).
+    fn key_bytes(&self, at: u32) -> &[u8] {
         let at = at as usize;
         let len = u32::from_le_bytes(self.text[at..at + 4].try_into().expect("four bytes"));
-        std::str::from_utf8(&self.text[at + 4..at + 4 + len as usize]).expect("a key")
+        &self.text[at + 4..at + 4 + len as usize]
     }
 }
 
