@@ -368,17 +368,31 @@ pub struct PhoneMemo {
     answers: std::sync::Mutex<std::collections::HashMap<u64, u64>>,
 }
 
-/// Restores a thread's previous memo when dropped.
-pub struct PhoneMemoGuard {
-    previous: Option<std::sync::Arc<PhoneMemo>>,
+/// A value installed in a thread-local slot; the slot's previous value is put back on drop.
+pub struct Installed<T: 'static> {
+    slot: &'static std::thread::LocalKey<std::cell::RefCell<Option<std::sync::Arc<T>>>>,
+    previous: Option<std::sync::Arc<T>>,
 }
 
-impl Drop for PhoneMemoGuard {
-    fn drop(&mut self) {
-        let previous = self.previous.take();
-        MEMO.with(|m| *m.borrow_mut() = previous);
+impl<T: 'static> Installed<T> {
+    fn new(
+        slot: &'static std::thread::LocalKey<std::cell::RefCell<Option<std::sync::Arc<T>>>>,
+        value: &std::sync::Arc<T>,
+    ) -> Self {
+        let previous = slot.with(|s| s.borrow_mut().replace(value.clone()));
+        Installed { slot, previous }
     }
 }
+
+impl<T: 'static> Drop for Installed<T> {
+    fn drop(&mut self) {
+        let previous = self.previous.take();
+        self.slot.with(|s| *s.borrow_mut() = previous);
+    }
+}
+
+/// Restores a thread's previous memo when dropped.
+pub type PhoneMemoGuard = Installed<PhoneMemo>;
 
 impl PhoneMemo {
     /// An empty memo for numbers read in `region` (calls for another region pass it by).
@@ -391,8 +405,7 @@ impl PhoneMemo {
 
     /// Makes [`phone_e164`] on this thread consult and fill the memo until the guard drops.
     pub fn install(self: &std::sync::Arc<Self>) -> PhoneMemoGuard {
-        let previous = MEMO.with(|m| m.borrow_mut().replace(self.clone()));
-        PhoneMemoGuard { previous }
+        Installed::new(&MEMO, self)
     }
 
     /// How many numbers are remembered.
@@ -527,16 +540,7 @@ const PHONE_METADATA: &str = include_str!("../../assets/phonenumber/PhoneNumberM
 pub struct PhoneDatabase(phonenumber::metadata::Database);
 
 /// Restores a thread's previous database when dropped.
-pub struct PhoneDatabaseGuard {
-    previous: Option<std::sync::Arc<PhoneDatabase>>,
-}
-
-impl Drop for PhoneDatabaseGuard {
-    fn drop(&mut self) {
-        let previous = self.previous.take();
-        PHONE_DATABASE.with(|d| *d.borrow_mut() = previous);
-    }
-}
+pub type PhoneDatabaseGuard = Installed<PhoneDatabase>;
 
 impl PhoneDatabase {
     /// Reads the bundled metadata.
@@ -551,8 +555,7 @@ impl PhoneDatabase {
 
     /// Makes [`phone_e164`] on this thread parse with this database until the guard drops.
     pub fn install(self: &std::sync::Arc<Self>) -> PhoneDatabaseGuard {
-        let previous = PHONE_DATABASE.with(|d| d.borrow_mut().replace(self.clone()));
-        PhoneDatabaseGuard { previous }
+        Installed::new(&PHONE_DATABASE, self)
     }
 }
 
