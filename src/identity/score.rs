@@ -755,8 +755,8 @@ fn names_cross(a: &View<'_>, b: &View<'_>) -> Cross {
         }
         if p.len() > 2
             && q.len() > 2
-            && (strsim::jaro_winkler(p, q) >= FAMILY_FUZZY_JW
-                || (p.len().min(q.len()) >= 4 && strsim::osa_distance(p, q) <= 1))
+            && ((p.len().min(q.len()) >= 4 && within_one_edit(p, q).is_some())
+                || strsim::jaro_winkler(p, q) >= FAMILY_FUZZY_JW)
         {
             best = Cross::Close;
         }
@@ -824,7 +824,7 @@ fn given_pair(x: &GivenRef<'_>, y: &GivenRef<'_>) -> NameLevel {
     let similar = |p: &str, q: &str| {
         p.len() > 2
             && q.len() > 2
-            && (strsim::jaro_winkler(p, q) >= GIVEN_SIMILAR_JW || strsim::osa_distance(p, q) <= 1)
+            && (within_one_edit(p, q).is_some() || strsim::jaro_winkler(p, q) >= GIVEN_SIMILAR_JW)
             && !gendered_variant(p, q)
     };
     if similar(x.joined, y.joined) || similar(x.first, y.first) {
@@ -860,8 +860,8 @@ fn compare_family(a: Option<&FamilyRef<'_>>, b: Option<&FamilyRef<'_>>) -> NameL
         return NameLevel::Token;
     }
     let close = |p: &str, q: &str| {
-        strsim::jaro_winkler(p, q) >= FAMILY_FUZZY_JW
-            || (p.len().min(q.len()) >= 4 && strsim::osa_distance(p, q) <= 1)
+        (p.len().min(q.len()) >= 4 && within_one_edit(p, q).is_some())
+            || strsim::jaro_winkler(p, q) >= FAMILY_FUZZY_JW
     };
     let token_close = a.tokens().any(|p| {
         b.tokens()
@@ -985,16 +985,16 @@ enum Closeness {
 /// Two codes of one length that differ in one character or in two neighbouring ones swapped
 /// (a mistyped ZIP or postcode).
 fn one_slip(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.len() >= 3 && strsim::osa_distance(a, b) == 1
+    a.len() == b.len() && a.len() >= 3 && within_one_edit(a, b) == Some(1)
 }
 
 /// Town names that are one typo or a misplaced space apart.
 fn words_close(a: &str, b: &str) -> bool {
     let squeeze = |s: &str| s.replace(' ', "");
     let (x, y) = (squeeze(a), squeeze(b));
-    x == y || strsim::jaro_winkler(&x, &y) >= ADDRESS_FUZZY_JW || {
-        x.len().min(y.len()) >= 5 && strsim::osa_distance(&x, &y) <= 1
-    }
+    x == y
+        || (x.len().min(y.len()) >= 5 && within_one_edit(&x, &y).is_some())
+        || strsim::jaro_winkler(&x, &y) >= ADDRESS_FUZZY_JW
 }
 
 /// Street lines that are the same address written with a typo, a misplaced space, its parts in
@@ -1049,8 +1049,86 @@ pub fn explain(a: &PersonFields, b: &PersonFields, cfg: &MatchConfig) -> MatchSc
     Comparison::new(&Profile::new(a, &ctx), &Profile::new(b, &ctx)).score()
 }
 
+/// `strsim::osa_distance(a, b)` when it is 0 or 1, else `None`: one insertion, deletion,
+/// substitution or swap of neighbours at most, found in one pass without the distance matrix
+/// (most compared names are further apart, and the matrix was the costliest part of scoring).
+fn within_one_edit(a: &str, b: &str) -> Option<usize> {
+    if a.is_ascii() && b.is_ascii() {
+        within_one(a.as_bytes(), b.as_bytes())
+    } else {
+        let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+        within_one(&a, &b)
+    }
+}
+
+fn within_one<T: PartialEq>(a: &[T], b: &[T]) -> Option<usize> {
+    // The distance is symmetric: `a` is the longer.
+    let (a, b) = if a.len() >= b.len() { (a, b) } else { (b, a) };
+    if a.len() - b.len() > 1 {
+        return None;
+    }
+    let same = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    if same == b.len() {
+        // Equal, or one more at the end.
+        return Some(a.len() - b.len());
+    }
+    let one = if a.len() > b.len() {
+        a[same + 1..] == b[same..]
+    } else {
+        a[same + 1..] == b[same + 1..]
+            || (same + 1 < a.len()
+                && a[same] == b[same + 1]
+                && a[same + 1] == b[same]
+                && a[same + 2..] == b[same + 2..])
+    };
+    one.then_some(1)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn within_one_edit_agrees_with_the_full_distance() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let alphabet: Vec<char> = "abcé ".chars().collect();
+        let word = |rng: &mut rand::rngs::StdRng| -> String {
+            let n = rng.gen_range(0..7);
+            (0..n)
+                .map(|_| alphabet[rng.gen_range(0..alphabet.len())])
+                .collect()
+        };
+        let mut within = 0;
+        for _ in 0..200_000 {
+            let a = word(&mut rng);
+            // Often a small edit of `a`, so that distances 0, 1 and 2 all come up.
+            let b = if rng.gen_bool(0.5) {
+                word(&mut rng)
+            } else {
+                let mut chars: Vec<char> = a.chars().collect();
+                for _ in 0..rng.gen_range(0..3) {
+                    let at = rng.gen_range(0..=chars.len());
+                    match rng.gen_range(0..4) {
+                        0 => chars.insert(at, alphabet[rng.gen_range(0..alphabet.len())]),
+                        1 if at < chars.len() => {
+                            chars.remove(at);
+                        }
+                        2 if at < chars.len() => {
+                            chars[at] = alphabet[rng.gen_range(0..alphabet.len())]
+                        }
+                        3 if at + 1 < chars.len() => chars.swap(at, at + 1),
+                        _ => {}
+                    }
+                }
+                chars.into_iter().collect()
+            };
+            let full = strsim::osa_distance(&a, &b);
+            let expected = (full <= 1).then_some(full);
+            assert_eq!(within_one_edit(&a, &b), expected, "{a:?} {b:?}");
+            within += usize::from(full == 1);
+        }
+        assert!(within > 10_000, "only {within} pairs one edit apart");
+    }
+
     use super::*;
     use crate::model::Address;
 
