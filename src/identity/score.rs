@@ -1086,49 +1086,6 @@ fn within_one<T: PartialEq>(a: &[T], b: &[T]) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn within_one_edit_agrees_with_the_full_distance() {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        let alphabet: Vec<char> = "abcé ".chars().collect();
-        let word = |rng: &mut rand::rngs::StdRng| -> String {
-            let n = rng.gen_range(0..7);
-            (0..n)
-                .map(|_| alphabet[rng.gen_range(0..alphabet.len())])
-                .collect()
-        };
-        let mut within = 0;
-        for _ in 0..200_000 {
-            let a = word(&mut rng);
-            // Often a small edit of `a`, so that distances 0, 1 and 2 all come up.
-            let b = if rng.gen_bool(0.5) {
-                word(&mut rng)
-            } else {
-                let mut chars: Vec<char> = a.chars().collect();
-                for _ in 0..rng.gen_range(0..3) {
-                    let at = rng.gen_range(0..=chars.len());
-                    match rng.gen_range(0..4) {
-                        0 => chars.insert(at, alphabet[rng.gen_range(0..alphabet.len())]),
-                        1 if at < chars.len() => {
-                            chars.remove(at);
-                        }
-                        2 if at < chars.len() => {
-                            chars[at] = alphabet[rng.gen_range(0..alphabet.len())]
-                        }
-                        3 if at + 1 < chars.len() => chars.swap(at, at + 1),
-                        _ => {}
-                    }
-                }
-                chars.into_iter().collect()
-            };
-            let full = strsim::osa_distance(&a, &b);
-            let expected = (full <= 1).then_some(full);
-            assert_eq!(within_one_edit(&a, &b), expected, "{a:?} {b:?}");
-            within += usize::from(full == 1);
-        }
-        assert!(within > 10_000, "only {within} pairs one edit apart");
-    }
-
     use super::*;
     use crate::model::Address;
 
@@ -1231,5 +1188,48 @@ mod tests {
                     .filter(|s| matches!(*s, "male" | "female"))
             );
         }
+    }
+
+    #[test]
+    fn within_one_edit_agrees_with_the_full_distance() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let alphabet: Vec<char> = "abcé ".chars().collect();
+        let word = |rng: &mut rand::rngs::StdRng| -> String {
+            let n = rng.gen_range(0..7);
+            (0..n)
+                .map(|_| alphabet[rng.gen_range(0..alphabet.len())])
+                .collect()
+        };
+        let mut within = 0;
+        for _ in 0..200_000 {
+            let a = word(&mut rng);
+            // Often a small edit of `a`, so that distances 0, 1 and 2 all come up.
+            let b = if rng.gen_bool(0.5) {
+                word(&mut rng)
+            } else {
+                let mut chars: Vec<char> = a.chars().collect();
+                for _ in 0..rng.gen_range(0..3) {
+                    let at = rng.gen_range(0..=chars.len());
+                    match rng.gen_range(0..4) {
+                        0 => chars.insert(at, alphabet[rng.gen_range(0..alphabet.len())]),
+                        1 if at < chars.len() => {
+                            chars.remove(at);
+                        }
+                        2 if at < chars.len() => {
+                            chars[at] = alphabet[rng.gen_range(0..alphabet.len())]
+                        }
+                        3 if at + 1 < chars.len() => chars.swap(at, at + 1),
+                        _ => {}
+                    }
+                }
+                chars.into_iter().collect()
+            };
+            let full = strsim::osa_distance(&a, &b);
+            let expected = (full <= 1).then_some(full);
+            assert_eq!(within_one_edit(&a, &b), expected, "{a:?} {b:?}");
+            within += usize::from(full == 1);
+        }
+        assert!(within > 10_000, "only {within} pairs one edit apart");
     }
 }

@@ -1014,10 +1014,10 @@ async fn load(
     };
     // Every loading thread but the first parses phones with a metadata database of its own, so
     // that they do not take turns on the built-in one's lock; worth reading only for big pages.
-    let mut databases: Option<Arc<Vec<Arc<identity::PhoneDatabase>>>> = None;
+    let mut databases: Arc<Vec<Arc<identity::PhoneDatabase>>> = Arc::default();
     let prepare = async {
         while let Some(page) = page_rx.recv().await {
-            if databases.is_none() && threads > 1 && page.len() >= PHONE_DATABASES_FROM {
+            if databases.is_empty() && threads > 1 && page.len() >= PHONE_DATABASES_FROM {
                 let made = tokio::task::spawn_blocking(move || {
                     (1..threads)
                         .map(|_| identity::PhoneDatabase::new())
@@ -1025,10 +1025,9 @@ async fn load(
                 })
                 .await
                 .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
-                databases = Some(Arc::new(made));
+                databases = Arc::new(made);
             }
-            let (phones, matching) = (phones.clone(), matching.clone());
-            let own = databases.clone().unwrap_or_default();
+            let (phones, matching, own) = (phones.clone(), matching.clone(), databases.clone());
             let per_chunk = tokio::task::spawn_blocking(move || {
                 prepare_page(&page, threads, &phones, &own, &matching)
             })
