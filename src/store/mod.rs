@@ -417,10 +417,70 @@ pub struct Review {
     pub decided_by: Option<String>,
 }
 
+/// Where a store's writer stood inside a write transaction ([`StoreTx::write_stamp`]): which
+/// writer connection, how many commits it had made, and SQLite's `data_version` (which moves
+/// when any other connection, of this process or another, has committed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteStamp {
+    connection: u64,
+    commits: u64,
+    data_version: i64,
+}
+
+impl WriteStamp {
+    /// Whether this stamp's transaction began right after `earlier`'s committed: one commit
+    /// between them (that transaction's) and none by anyone else.
+    pub fn follows(&self, earlier: &WriteStamp) -> bool {
+        self.connection == earlier.connection
+            && self.commits == earlier.commits + 1
+            && self.data_version == earlier.data_version
+    }
+}
+
+/// Counts the commits of a store's writer connection (a commit hook bumps `commits`, every
+/// statement's commit included) and the connections it has opened, for [`WriteStamp`]s.
+#[derive(Debug, Default)]
+pub struct WriterClock {
+    connection: std::sync::atomic::AtomicU64,
+    commits: std::sync::atomic::AtomicU64,
+}
+
+impl WriterClock {
+    /// A new writer connection: stamps taken on an earlier one no longer compare.
+    pub fn connected(&self) {
+        self.connection
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// A commit on the writer connection.
+    pub fn committed(&self) {
+        self.commits
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The stamp of a transaction holding the writer, given its connection's `data_version`.
+    pub fn stamp(&self, data_version: i64) -> WriteStamp {
+        WriteStamp {
+            connection: self.connection.load(std::sync::atomic::Ordering::SeqCst),
+            commits: self.commits.load(std::sync::atomic::Ordering::SeqCst),
+            data_version,
+        }
+    }
+}
+
+/// What [`Store::read_candidates`] found: `(blocking key, patient)` pairs and every record
+/// linked to those patients, as one snapshot of the store.
+pub type CandidateRead = (Vec<(String, PatientId)>, Vec<(PatientId, SourceRecord)>);
+
 /// Read and queue operations, each its own short transaction.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     fn backend(&self) -> Backend;
+    /// Another handle on this store, for a task of its own.
+    fn shared(&self) -> std::sync::Arc<dyn Store>;
+    /// [`StoreTx::find_patients_by_keys`] and [`StoreTx::load_linked_records_many`] for the
+    /// patients found, in one read transaction outside any write transaction.
+    async fn read_candidates(&self, keys: &[String]) -> StoreResult<CandidateRead>;
     /// Applies pending migrations.
     async fn migrate(&self) -> StoreResult<()>;
     /// Opens a write transaction (SQLite: `BEGIN IMMEDIATE`).
@@ -710,6 +770,11 @@ pub trait StoreTx: Send {
         now: DateTime<Utc>,
     ) -> StoreResult<()>;
     async fn commit(self: Box<Self>) -> StoreResult<()>;
+    /// Where the writer stands (SQLite; `None` elsewhere): a read taken while this transaction
+    /// is open and not committing sees the store as it began, and a later transaction whose
+    /// stamp [`follows`](WriteStamp::follows) this one's knows that only this one's writes
+    /// came between.
+    async fn write_stamp(&mut self) -> StoreResult<Option<WriteStamp>>;
     /// [`Store::save_sync_state`] inside this transaction.
     async fn save_sync_state(&mut self, state: &SyncState) -> StoreResult<()>;
     /// Records that resync pass `pass` listed these records of `source`, clearing any missing

@@ -44,6 +44,11 @@ impl PgStore {
         sqlx::migrate!("./migrations/postgres")
     }
 
+    /// Postgres writes on many connections at once: no write stamps.
+    fn writer_clock(&self) -> Option<std::sync::Arc<crate::store::WriterClock>> {
+        None
+    }
+
     /// Postgres checkpoints on its own: nothing to signal on commit.
     fn commit_signal(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
         None

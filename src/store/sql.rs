@@ -150,6 +150,35 @@ macro_rules! impl_store {
             Ok(found)
         }
 
+        /// Every record linked to one of `patient_ids`, with its patient, `raw` left out.
+        async fn linked_records_in(
+            tx: &mut sqlx::Transaction<'static, $Db>,
+            patient_ids: &[PatientId],
+        ) -> StoreResult<Vec<(PatientId, SourceRecord)>> {
+            let columns = RECORD_COLUMNS
+                .split(", ")
+                .map(|c| if c == "raw" { "'null' AS raw".to_string() } else { format!("r.{c}") })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut out = Vec::new();
+            for chunk in patient_ids.chunks(crate::store::sql::bulk_params($backend)) {
+                let sql = format!(
+                    "SELECT l.patient_id AS linked_patient_id, {columns} FROM source_records r \
+                     JOIN links l ON l.source = r.source AND l.source_id = r.source_id \
+                     WHERE l.patient_id IN ({}) ORDER BY r.source, r.source_id",
+                    crate::store::sql::bulk_list($backend, 1, chunk.len())
+                );
+                let mut q = sqlx::query(&sql);
+                for id in chunk {
+                    q = q.bind(id.as_str());
+                }
+                for row in q.fetch_all(&mut **tx).await? {
+                    out.push((PatientId(row.try_get("linked_patient_id")?), record_from_row(&row)?));
+                }
+            }
+            Ok(out)
+        }
+
         /// The statement that writes one `sync_state` row.
         fn upsert_sync_state(
             state: &SyncState,
@@ -399,7 +428,26 @@ macro_rules! impl_store {
 
             async fn begin(&self) -> StoreResult<Box<dyn StoreTx>> {
                 let tx = $begin(self.writer()).await?;
-                Ok(Box::new($Tx { tx, committed: self.commit_signal() }))
+                Ok(Box::new($Tx { tx, committed: self.commit_signal(), clock: self.writer_clock() }))
+            }
+
+            fn shared(&self) -> std::sync::Arc<dyn Store> {
+                std::sync::Arc::new(self.clone())
+            }
+
+            async fn read_candidates(&self, keys: &[String]) -> StoreResult<crate::store::CandidateRead> {
+                // One read transaction: the patients and their records from one snapshot.
+                let mut tx = self.pool().begin().await?;
+                let reach = patients_by_keys_in(&mut tx, keys, None).await?;
+                let patients: Vec<PatientId> = reach
+                    .iter()
+                    .map(|(_, p)| p.clone())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                let records = linked_records_in(&mut tx, &patients).await?;
+                tx.rollback().await?;
+                Ok((reach, records))
             }
 
             async fn insert_inbox(&self, item: &NewInboxItem) -> StoreResult<InsertOutcome> {
@@ -1211,6 +1259,8 @@ macro_rules! impl_store {
             tx: sqlx::Transaction<'static, $Db>,
             /// Notified after a successful commit.
             committed: Option<std::sync::Arc<tokio::sync::Notify>>,
+            /// The writer's commit count, for [`StoreTx::write_stamp`] (SQLite).
+            clock: Option<std::sync::Arc<crate::store::WriterClock>>,
         }
 
         #[async_trait]
@@ -1435,8 +1485,18 @@ macro_rules! impl_store {
                 Ok(())
             }
 
+            async fn write_stamp(&mut self) -> StoreResult<Option<crate::store::WriteStamp>> {
+                let Some(clock) = &self.clock else {
+                    return Ok(None);
+                };
+                let data_version: i64 = sqlx::query_scalar("PRAGMA data_version")
+                    .fetch_one(&mut *self.tx)
+                    .await?;
+                Ok(Some(clock.stamp(data_version)))
+            }
+
             async fn commit(self: Box<Self>) -> StoreResult<()> {
-                let $Tx { tx, committed } = *self;
+                let $Tx { tx, committed, clock: _ } = *self;
                 tx.commit().await?;
                 if let Some(committed) = committed {
                     committed.notify_one();
@@ -1750,28 +1810,7 @@ macro_rules! impl_store {
                 &mut self,
                 patient_ids: &[PatientId],
             ) -> StoreResult<Vec<(PatientId, SourceRecord)>> {
-                let columns = RECORD_COLUMNS
-                    .split(", ")
-                    .map(|c| if c == "raw" { "'null' AS raw".to_string() } else { format!("r.{c}") })
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                let mut out = Vec::new();
-                for chunk in patient_ids.chunks(crate::store::sql::bulk_params($backend)) {
-                    let sql = format!(
-                        "SELECT l.patient_id AS linked_patient_id, {columns} FROM source_records r \
-                         JOIN links l ON l.source = r.source AND l.source_id = r.source_id \
-                         WHERE l.patient_id IN ({}) ORDER BY r.source, r.source_id",
-                        crate::store::sql::bulk_list($backend, 1, chunk.len())
-                    );
-                    let mut q = sqlx::query(&sql);
-                    for id in chunk {
-                        q = q.bind(id.as_str());
-                    }
-                    for row in q.fetch_all(&mut *self.tx).await? {
-                        out.push((PatientId(row.try_get("linked_patient_id")?), record_from_row(&row)?));
-                    }
-                }
-                Ok(out)
+                linked_records_in(&mut self.tx, patient_ids).await
             }
 
             async fn load_patients_many(&mut self, ids: &[PatientId]) -> StoreResult<Vec<PatientRow>> {

@@ -1,9 +1,10 @@
 //! The SQLite store: the embedded default. WAL journal, a busy timeout, foreign keys on, temporary
 //! storage in memory, `BEGIN IMMEDIATE` for write transactions so read-then-write never fails on
 //! a lock upgrade, and WAL checkpoints on a background task rather than in a writer's commit.
-//! Writes go through one connection; the shared rate limits live in a file of their own beside
-//! the database (`<database file>.limits`), so reserving a request slot never waits behind a
-//! long write transaction.
+//! Writes go through one connection, whose commits a commit hook counts (for write stamps,
+//! [`WriteStamp`](crate::store::WriteStamp)); the shared rate limits live in a file of their own
+//! beside the database (`<database file>.limits`), so reserving a request slot never waits
+//! behind a long write transaction.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -27,6 +28,8 @@ pub struct SqliteStore {
     _checkpointer: Arc<tokio_util::sync::DropGuard>,
     /// Wakes the background checkpointer after a write transaction commits.
     committed: Arc<tokio::sync::Notify>,
+    /// Counts the writer connection's commits (a commit hook) for write stamps.
+    clock: Arc<crate::store::WriterClock>,
 }
 
 /// How often the background task checkpoints the WAL.
@@ -100,9 +103,23 @@ impl SqliteStore {
             .clone()
             .filename(limits_file(options.get_filename()))
             .pragma("cache_size", "-2048");
+        let clock = Arc::new(crate::store::WriterClock::default());
+        let hooked = clock.clone();
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(std::time::Duration::from_secs(30))
+            .after_connect(move |conn, _| {
+                let clock = hooked.clone();
+                Box::pin(async move {
+                    clock.connected();
+                    let counted = clock.clone();
+                    conn.lock_handle().await?.set_commit_hook(move || {
+                        counted.committed();
+                        true
+                    });
+                    Ok(())
+                })
+            })
             .connect_with(options)
             .await?;
         let limits = SqlitePoolOptions::new()
@@ -123,12 +140,18 @@ impl SqliteStore {
             limits,
             _checkpointer: Arc::new(stop.drop_guard()),
             committed,
+            clock,
         })
     }
 
     /// What a write transaction signals when it commits (the background checkpointer).
     fn commit_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
         Some(self.committed.clone())
+    }
+
+    /// The writer's commit count, for write stamps.
+    fn writer_clock(&self) -> Option<Arc<crate::store::WriterClock>> {
+        Some(self.clock.clone())
     }
 
     pub fn pool(&self) -> &SqlitePool {
