@@ -143,7 +143,7 @@ async fn main() -> anyhow::Result<()> {
     let identity = settings.identity.to_identity_settings();
 
     println!(
-        "{:<9} {:<6} {:>8} {:>6} {:>8} {:>9} {:>8} {:>9} {:>7} {:>12} {:>9} {:>7}",
+        "{:<9} {:<6} {:>8} {:>6} {:>8} {:>9} {:>8} {:>9} {:>7} {:>12} {:>9} {:>7} {:>10}",
         "source",
         "pass",
         "records",
@@ -155,7 +155,8 @@ async fn main() -> anyhow::Result<()> {
         "ratio",
         "rate-limited",
         "waited s",
-        "cpu s"
+        "cpu s",
+        "read ahead"
     );
     // Per source: a first pass into the empty store (every record created), then a second pass
     // (every record unchanged), the steady state of a periodic resync.
@@ -191,7 +192,7 @@ async fn main() -> anyhow::Result<()> {
         // The lower bound: every page is one request, sent at the allowed rate.
         let bound = summary.pages as f64 / rate;
         println!(
-            "{:<9} {:<6} {:>8} {:>6} {:>8} {:>9.2} {:>8.1} {:>9.1} {:>7.3} {:>12} {:>9.1} {:>7}",
+            "{:<9} {:<6} {:>8} {:>6} {:>8} {:>9.2} {:>8.1} {:>9.1} {:>7.3} {:>12} {:>9.1} {:>7} {:>10}",
             kind.as_str(),
             pass,
             summary.records,
@@ -203,7 +204,8 @@ async fn main() -> anyhow::Result<()> {
             wall / bound,
             sandbox_rate_limited(&sandbox, kind) - limited_before,
             summary.rate_limit_wait_secs,
-            cpu
+            cpu,
+            summary.read_ahead_pages
         );
         assert_eq!(
             summary.created + summary.updated + summary.unchanged + summary.stale,

@@ -4,6 +4,11 @@
 //! the decisions run on a blocking thread while the transaction writes the group's records.
 //! Any other record (already stored or linked, merged away upstream, or listed twice) goes
 //! through [`apply_record`] itself, in its place in the order.
+//!
+//! A page's candidates can also be read ahead ([`read_ahead`]), outside its transaction,
+//! once the previous page's transaction has begun: on SQLite that read sees the store as the
+//! previous page began or as it committed, so the page's own transaction only reads again what
+//! the previous page changed, when its [`WriteStamp`] shows that nothing else committed since.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -11,7 +16,9 @@ use chrono::{DateTime, Utc};
 
 use crate::identity::{self, LinkTarget, MatchConfig, Prepared, PreparedCandidate, ReviewProposal};
 use crate::model::{PatientId, RecordStatus, SourceId, SourceKey, SourceKind, SourceRecord};
-use crate::store::{Link, LinkEvent, LinkMethod, SaveOutcome, StoreResult, StoreTx};
+use crate::store::{
+    Link, LinkEvent, LinkMethod, SaveOutcome, Store, StoreResult, StoreTx, WriteStamp,
+};
 use crate::sync::apply::{apply_record, lock_records, next_row, Applied, IdentitySettings};
 
 /// Applies `records` in order inside the caller's transaction; one [`Applied`] per record.
@@ -22,6 +29,141 @@ pub async fn apply_records(
     settings: &IdentitySettings,
     now: DateTime<Utc>,
 ) -> StoreResult<Vec<Applied>> {
+    Ok(apply_page(tx, records, settings, now, None).await?.applied)
+}
+
+/// A page's candidates read outside its transaction by [`read_ahead`].
+pub struct ReadAhead {
+    /// The records it was read for, in order.
+    records: Vec<SourceKey>,
+    mine: Vec<Prepared>,
+    keys: Vec<Vec<String>>,
+    all_keys: Vec<String>,
+    reach: HashMap<String, BTreeSet<PatientId>>,
+    members: HashMap<PatientId, Vec<SourceRecord>>,
+    /// The stamp of the write transaction that had begun when the read began.
+    during: WriteStamp,
+}
+
+/// What a page's transaction changed in what candidates are read from: the blocking keys of
+/// the records it created and the patients they joined or created.
+#[derive(Debug, Default)]
+pub struct Changed {
+    keys: HashSet<String>,
+    patients: HashSet<PatientId>,
+}
+
+/// The previous page's transaction, for checking a [`ReadAhead`].
+pub struct Previous {
+    /// Its stamp (taken inside it).
+    pub stamp: WriteStamp,
+    /// What it changed; `None` when a record took the one-at-a-time path (not tracked).
+    pub changed: Option<Changed>,
+}
+
+/// What [`apply_page`] did.
+pub struct Paged {
+    pub applied: Vec<Applied>,
+    /// What it changed, when every record was new (see [`Previous::changed`]).
+    pub changed: Option<Changed>,
+    /// The read-ahead was current and used.
+    pub read_ahead_used: bool,
+}
+
+/// A page's records prepared for [`read_ahead`] (pure computation, done before the read).
+pub struct AheadPrepared {
+    records: Vec<SourceKey>,
+    mine: Vec<Prepared>,
+    keys: Vec<Vec<String>>,
+    all_keys: Vec<String>,
+}
+
+impl AheadPrepared {
+    /// Prepares the records of a page that can be new in a group: records merged away
+    /// upstream and second listings of a record are left out.
+    pub fn new(records: &[&SourceRecord], cfg: &MatchConfig) -> Self {
+        let mut seen = HashSet::new();
+        let group: Vec<&SourceRecord> = records
+            .iter()
+            .copied()
+            .filter(|r| {
+                r.status != RecordStatus::Merged && r.merged_into.is_none() && seen.insert(&r.key)
+            })
+            .collect();
+        let (mine, keys, all_keys) = prepare(&group, cfg);
+        Self {
+            records: group.iter().map(|r| r.key.clone()).collect(),
+            mine,
+            keys,
+            all_keys,
+        }
+    }
+}
+
+/// Reads the candidates of a page about to be applied (`prepared`) outside any transaction, on
+/// a read connection, after the write transaction stamped `during` began (the caller makes
+/// sure of it) and before the page's own begins: [`apply_page`] then knows what it may have
+/// missed.
+pub async fn read_ahead(
+    store: &dyn Store,
+    prepared: AheadPrepared,
+    during: WriteStamp,
+) -> StoreResult<ReadAhead> {
+    let AheadPrepared {
+        records,
+        mine,
+        keys,
+        all_keys,
+    } = prepared;
+    let (found, linked) = store.read_candidates(&all_keys).await?;
+    let mut reach: HashMap<String, BTreeSet<PatientId>> = HashMap::new();
+    for (key, patient) in found {
+        reach.entry(key).or_default().insert(patient);
+    }
+    let mut members: HashMap<PatientId, Vec<SourceRecord>> = HashMap::new();
+    for (patient, record) in linked {
+        members.entry(patient).or_default().push(record);
+    }
+    Ok(ReadAhead {
+        records,
+        mine,
+        keys,
+        all_keys,
+        reach,
+        members,
+        during,
+    })
+}
+
+/// The group's records prepared, each one's blocking keys, and all their keys sorted.
+fn prepare(
+    records: &[&SourceRecord],
+    cfg: &MatchConfig,
+) -> (Vec<Prepared>, Vec<Vec<String>>, Vec<String>) {
+    let mine: Vec<Prepared> = records.iter().map(|r| Prepared::new(r, cfg)).collect();
+    let keys: Vec<Vec<String>> = mine.iter().map(|p| p.record_blocking_keys()).collect();
+    let all_keys: Vec<String> = keys
+        .iter()
+        .flatten()
+        .cloned()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    (mine, keys, all_keys)
+}
+
+/// [`apply_records`], using `ahead` (a read-ahead of these records, the previous page and
+/// this transaction's stamp) when it can be made current: it was read after the previous
+/// page's transaction began, that transaction's commit is the only one since (its changes
+/// are known and read again), and every record of the page is new. Otherwise reads in the
+/// transaction as [`apply_records`] does. Either way the result is the same.
+pub async fn apply_page(
+    tx: &mut dyn StoreTx,
+    records: &[&SourceRecord],
+    settings: &IdentitySettings,
+    now: DateTime<Utc>,
+    ahead: Option<(ReadAhead, &Previous, WriteStamp)>,
+) -> StoreResult<Paged> {
     // Every record's key first, so that another transaction storing one of these records (a
     // worker, another process) has committed before the records are sorted into stored and
     // new, or waits until this one commits.
@@ -39,6 +181,7 @@ pub async fn apply_records(
     let mut out = Vec::with_capacity(records.len());
     let mut group: Vec<&SourceRecord> = Vec::new();
     let mut grouped: HashSet<&SourceKey> = HashSet::new();
+    let mut changed = Some(Changed::default());
     for &record in records {
         let new = !known.contains(&record.key)
             && record.status != RecordStatus::Merged
@@ -48,12 +191,30 @@ pub async fn apply_records(
             group.push(record);
             continue;
         }
-        out.extend(apply_new_records(tx, &group, settings, now).await?);
+        out.extend(apply_new_records(tx, &group, settings, now, None, &mut changed).await?);
         group.clear();
         out.push(apply_record(tx, record, settings, now).await?);
+        changed = None;
     }
-    out.extend(apply_new_records(tx, &group, settings, now).await?);
-    Ok(out)
+    // The read-ahead serves a page that is one group, when nothing but the previous page, whose
+    // changes are known, committed since it was read.
+    let current = ahead.and_then(|(read, previous, stamp)| {
+        let whole = out.is_empty()
+            && read.records.len() == group.len()
+            && read.records.iter().zip(&group).all(|(a, b)| *a == b.key);
+        let fresh = read.during == previous.stamp && stamp.follows(&previous.stamp);
+        match &previous.changed {
+            Some(since) if whole && fresh => Some((read, since)),
+            _ => None,
+        }
+    });
+    let read_ahead_used = current.is_some();
+    out.extend(apply_new_records(tx, &group, settings, now, current, &mut changed).await?);
+    Ok(Paged {
+        applied: out,
+        changed,
+        read_ahead_used,
+    })
 }
 
 /// The records' ids, by source.
@@ -68,45 +229,75 @@ fn ids_by_source(records: &[&SourceRecord]) -> HashMap<SourceKind, Vec<SourceId>
 /// Applies records with distinct keys that have no stored record and no link, none merged
 /// away. Each is decided against the patients its blocking keys reach, including patients
 /// the group's earlier records created or joined.
+///
+/// With `ahead` (a current read-ahead of exactly these records and what was committed since
+/// it was read), only the blocking keys and patients those commits changed are read again.
+/// Adds what the group changes to `changed`, if it is tracked.
 async fn apply_new_records(
     tx: &mut dyn StoreTx,
     records: &[&SourceRecord],
     settings: &IdentitySettings,
     now: DateTime<Utc>,
+    ahead: Option<(ReadAhead, &Changed)>,
+    changed: &mut Option<Changed>,
 ) -> StoreResult<Vec<Applied>> {
     if records.is_empty() {
         return Ok(Vec::new());
     }
     let cfg = &settings.matching;
+    let (mine, keys, all_keys, mut reach, mut members, since) = match ahead {
+        Some((read, since)) => (
+            read.mine,
+            read.keys,
+            read.all_keys,
+            read.reach,
+            read.members,
+            Some(since),
+        ),
+        None => {
+            let (mine, keys, all_keys) = prepare(records, cfg);
+            (mine, keys, all_keys, HashMap::new(), HashMap::new(), None)
+        }
+    };
     // The locks `apply_record` takes, in its order: the record keys (held since
     // `apply_records`), then blocking keys.
-    let mine: Vec<Prepared> = records.iter().map(|r| Prepared::new(r, cfg)).collect();
-    let keys: Vec<Vec<String>> = mine.iter().map(|p| p.record_blocking_keys()).collect();
-    let all_keys: Vec<String> = keys
-        .iter()
-        .flatten()
-        .cloned()
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
     for k in &all_keys {
         tx.lock(&format!("match_key:{k}")).await?;
     }
 
     // Patients reachable now, through records linked before this group. The group's own
     // records are not linked yet, so reading before inserting them finds the same patients.
-    let mut reach: HashMap<String, BTreeSet<PatientId>> = HashMap::new();
-    for (key, patient) in tx.find_patients_by_keys(&all_keys).await? {
-        reach.entry(key).or_default().insert(patient);
+    // A read-ahead is read again only for keys whose records changed since.
+    let stale: Vec<String> = match since {
+        Some(since) => all_keys
+            .iter()
+            .filter(|k| since.keys.contains(*k))
+            .cloned()
+            .collect(),
+        None => all_keys.clone(),
+    };
+    for k in &stale {
+        reach.remove(k);
+    }
+    if !stale.is_empty() {
+        for (key, patient) in tx.find_patients_by_keys(&stale).await? {
+            reach.entry(key).or_default().insert(patient);
+        }
     }
     let candidates: BTreeSet<PatientId> = reach.values().flatten().cloned().collect();
     for p in &candidates {
         tx.lock(p.as_str()).await?;
     }
-    let candidates: Vec<PatientId> = candidates.into_iter().collect();
-    let mut members: HashMap<PatientId, Vec<SourceRecord>> = HashMap::new();
-    for (patient, record) in tx.load_linked_records_many(&candidates).await? {
-        members.entry(patient).or_default().push(record);
+    // A read-ahead's patients keep their records unless they changed since.
+    members.retain(|p, _| candidates.contains(p) && !since.is_some_and(|s| s.patients.contains(p)));
+    let unread: Vec<PatientId> = candidates
+        .into_iter()
+        .filter(|p| !members.contains_key(p))
+        .collect();
+    if !unread.is_empty() {
+        for (patient, record) in tx.load_linked_records_many(&unread).await? {
+            members.entry(patient).or_default().push(record);
+        }
     }
     let mut rejected: HashSet<(SourceKey, PatientId)> = HashSet::new();
     for (source, ids) in ids_by_source(records) {
@@ -215,6 +406,10 @@ async fn apply_new_records(
         }
     }
     tx.save_patients(&rows).await?;
+    if let Some(changed) = changed {
+        changed.keys.extend(all_keys);
+        changed.patients.extend(touched);
+    }
     Ok(applied)
 }
 

@@ -6,7 +6,8 @@
 //!   `CREATED_AT_ASC`), once `active` and once `archived`; IntakeQ `GET /clients` pages of 100
 //!   with profiles; Hint `GET /api/provider/patients?filter=all&sort=created_at`, limit/offset.
 //!   Every upstream call runs in the bulk lane ([`bulk`]), paced evenly at the configured rate
-//!   (no bursts). The next page is fetched while the current one is applied.
+//!   (no bursts). The next page is fetched while the current one is applied and, on SQLite,
+//!   its candidates are read once the current page's transaction has begun ([`ReadWindow`]).
 //! - Resumable: after every page `sync_state` row `(source, "resync:<stream>")` holds the next
 //!   page cursor in `checkpoint` (and `{"pass", "done"}` in `cursor`); row `(source, "resync")`
 //!   gets `last_success_at` when a whole pass completes. `resync_runs` holds the pass counter
@@ -30,14 +31,15 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
+use crate::identity::MatchConfig;
 use crate::metrics::Metrics;
 use crate::model::{RecordStatus, SourceId, SourceKind, SourceRecord};
 use crate::sources::healthie::operations::{list_user_records, ListUserRecords, RECORD_PAGE_SIZE};
 use crate::sources::http::{bulk, BudgetSnapshot, FetchError};
 use crate::sources::{healthie::Healthie, hint::Hint, intakeq::Intakeq, ConvertError, Source};
-use crate::store::{now_ms, SaveOutcome, Store, StoreError, SyncState};
+use crate::store::{now_ms, SaveOutcome, Store, StoreError, SyncState, WriteStamp};
 use crate::sync::apply::{apply_record, IdentitySettings};
-use crate::sync::apply_batch::apply_records;
+use crate::sync::apply_batch::{apply_page, read_ahead, AheadPrepared, Previous, ReadAhead};
 
 /// `sync_state` stream prefix of a resync stream's checkpoint.
 pub const STATE_PREFIX: &str = "resync:";
@@ -399,6 +401,8 @@ pub struct ResyncSummary {
     pub rate_limited: u64,
     /// Time spent waiting for the client-side rate limits (the upstream's and the pacing).
     pub rate_limit_wait_secs: f64,
+    /// Pages whose candidates were read beside the previous page's transaction.
+    pub read_ahead_pages: u64,
     pub elapsed_secs: f64,
 }
 
@@ -422,6 +426,7 @@ impl ResyncSummary {
             requests: 0,
             rate_limited: 0,
             rate_limit_wait_secs: 0.0,
+            read_ahead_pages: 0,
             elapsed_secs: 0.0,
         }
     }
@@ -839,6 +844,13 @@ async fn walk_paced(
     if budget_low() {
         return Ok(Stopped::Early(ResyncOutcome::BudgetExhausted));
     }
+    // Where the next page's candidates are read from, and the matching settings they need.
+    let reading: Option<(Arc<dyn Store>, Arc<MatchConfig>)> = match sink {
+        Sink::Apply { identity, .. } => Some((store.shared(), Arc::new(identity.matching.clone()))),
+        Sink::Compare { .. } => None,
+    };
+    let mut previous: Option<Previous> = None;
+    let mut ahead: Option<ReadAhead> = None;
     let mut next = fetch_or_stop(lister, stream, cursor.as_deref(), stop, pace).await;
     loop {
         let page = match next {
@@ -855,12 +867,28 @@ async fn walk_paced(
         }
         let prefetch = !page.complete && !stop.is_cancelled() && !budget_low();
         // The next page is fetched and parsed on a task of its own, so on another core when
-        // there is one, while this one applies the page in hand.
+        // there is one, while this one applies the page in hand; then its candidates are read,
+        // once this page's transaction has begun.
+        let window = ReadWindow::default();
         let following = prefetch.then(|| {
             let (lister, stop, pace) = (lister.clone(), stop.clone(), Arc::clone(pace));
             let cursor = page.next.clone();
+            // Pages of records seen before (a second pass) have no use for a read-ahead: read
+            // one only while the last page was new records throughout.
+            let reading = reading
+                .clone()
+                .filter(|_| previous.as_ref().is_none_or(|p| p.changed.is_some()));
+            let window = window.beside();
             tokio::spawn(async move {
-                fetch_or_stop(&lister, stream, cursor.as_deref(), &stop, &pace).await
+                let fetched =
+                    fetch_or_stop(&lister, stream, cursor.as_deref(), &stop, &pace).await?;
+                let ahead = match (&fetched, reading) {
+                    (Ok(page), Some((store, cfg))) => {
+                        window.read_beside(store.as_ref(), page, &cfg).await
+                    }
+                    _ => None,
+                };
+                Some((fetched, ahead))
             })
         });
         let following = async {
@@ -872,8 +900,13 @@ async fn walk_paced(
                 None => None,
             }
         };
+        let taken = Taken {
+            ahead: ahead.take(),
+            previous: &mut previous,
+            window: &window,
+        };
         let (applied, following) = tokio::join!(
-            take_page(store, kind, stream, &page, sink, summary),
+            take_page(store, kind, stream, &page, sink, summary, taken),
             following
         );
         applied?;
@@ -883,13 +916,112 @@ async fn walk_paced(
         }
         cursor = page.next.clone();
         match following {
-            Some(Some(fetched)) => next = Some(fetched),
+            Some(Some((fetched, read))) => {
+                next = Some(fetched);
+                ahead = read;
+            }
             Some(None) => return Ok(Stopped::Early(ResyncOutcome::Interrupted)),
             None if stop.is_cancelled() => return Ok(Stopped::Early(ResyncOutcome::Interrupted)),
             None if budget_low() => return Ok(Stopped::Early(ResyncOutcome::BudgetExhausted)),
             None => next = fetch_or_stop(lister, stream, cursor.as_deref(), stop, pace).await,
         }
     }
+}
+
+/// When the next page's candidates can be read beside a page's transaction: once it has begun
+/// and taken its stamp. From then until the next page's transaction begins, only this page's
+/// transaction can commit without moving the next stamp off [`WriteStamp::follows`], so a read
+/// in that time sees the store as this transaction began or as it committed; the next page
+/// reads again whatever this one changed, which makes either exact.
+#[derive(Default)]
+struct ReadWindow {
+    state: tokio::sync::watch::Sender<Window>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+enum Window {
+    /// The page's transaction has not begun.
+    #[default]
+    Before,
+    /// Begun, with the transaction's stamp.
+    Open(WriteStamp),
+    /// No read beside it: a backend without stamps, a dry run, or the page failed first.
+    Closed,
+}
+
+/// The reading side of a [`ReadWindow`]; its wait ends when the window is dropped.
+struct Beside {
+    state: tokio::sync::watch::Receiver<Window>,
+}
+
+impl ReadWindow {
+    fn open(&self, stamp: WriteStamp) {
+        self.state.send_replace(Window::Open(stamp));
+    }
+
+    fn beside(&self) -> Beside {
+        Beside {
+            state: self.state.subscribe(),
+        }
+    }
+}
+
+impl Beside {
+    /// Reads the candidates of `page` once the window opens; `None` when it closed instead or
+    /// the read failed (the page then reads them in its own transaction).
+    async fn read_beside(
+        mut self,
+        store: &dyn Store,
+        page: &ListedPage,
+        cfg: &MatchConfig,
+    ) -> Option<ReadAhead> {
+        let records: Vec<&SourceRecord> = page
+            .rows
+            .iter()
+            .filter_map(|row| row.record.as_ref().ok().and_then(Option::as_ref))
+            .collect();
+        let prepared = AheadPrepared::new(&records, cfg);
+        let window = *self
+            .state
+            .wait_for(|w| !matches!(w, Window::Before))
+            .await
+            .ok()?;
+        let Window::Open(stamp) = window else {
+            return None;
+        };
+        match read_ahead(store, prepared, stamp).await {
+            Ok(read) => Some(read),
+            Err(e) => {
+                tracing::debug!(error = %e, "Reading a page's candidates ahead failed; the page reads them itself.");
+                None
+            }
+        }
+    }
+}
+
+/// Closes a page's read window if the page ends without opening it.
+struct Closed<'a>(&'a ReadWindow);
+
+impl Drop for Closed<'_> {
+    fn drop(&mut self) {
+        self.0.state.send_if_modified(|w| {
+            let before = matches!(w, Window::Before);
+            if before {
+                *w = Window::Closed;
+            }
+            before
+        });
+    }
+}
+
+/// What a page brings from, and leaves for, its neighbours.
+struct Taken<'a> {
+    /// Its candidates, read beside the previous page's transaction.
+    ahead: Option<ReadAhead>,
+    /// The previous page's transaction; replaced by this page's.
+    previous: &'a mut Option<Previous>,
+    /// This page's read window, for the next page's read.
+    window: &'a ReadWindow,
 }
 
 /// Spaces a resync's page requests evenly at the allowed rate, without bursts, so a resync
@@ -949,7 +1081,15 @@ async fn take_page(
     page: &ListedPage,
     sink: &mut Sink<'_>,
     summary: &mut ResyncSummary,
+    taken: Taken<'_>,
 ) -> Result<(), ResyncError> {
+    let Taken {
+        ahead,
+        previous,
+        window,
+    } = taken;
+    let _closed = Closed(window);
+    let before = previous.take();
     summary.records += page.rows.len() as u64;
     let ids: Vec<SourceId> = page.rows.iter().filter_map(|r| r.id.clone()).collect();
     match sink {
@@ -964,7 +1104,17 @@ async fn take_page(
                 }
             }
             let mut tx = store.begin().await?;
-            for applied in apply_records(tx.as_mut(), &records, identity, now).await? {
+            let stamp = tx.write_stamp().await?;
+            if let Some(stamp) = stamp {
+                window.open(stamp);
+            }
+            let ahead = match (ahead, &before, stamp) {
+                (Some(read), Some(before), Some(stamp)) => Some((read, before, stamp)),
+                _ => None,
+            };
+            let paged = apply_page(tx.as_mut(), &records, identity, now, ahead).await?;
+            summary.read_ahead_pages += u64::from(paged.read_ahead_used);
+            for applied in &paged.applied {
                 count(summary, applied.outcome);
             }
             tx.mark_resync_seen(kind, &ids, *pass).await?;
@@ -983,6 +1133,10 @@ async fn take_page(
             })
             .await?;
             tx.commit().await?;
+            *previous = stamp.map(|stamp| Previous {
+                stamp,
+                changed: paged.changed,
+            });
         }
         Sink::Compare { seen } => {
             for row in &page.rows {

@@ -1,6 +1,7 @@
 //! `apply_records` (a page at a time, as resync applies) ends in the same state as
 //! `apply_record` one record after another: the same patients, canonical values, link
-//! decisions and review proposals, on both backends.
+//! decisions and review proposals, on both backends; and so do pages whose candidates were
+//! read ahead of their transaction, unless something else committed meanwhile.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -9,7 +10,9 @@ use patient_sync::model::{SourceKey, SourceKind, SourceRecord};
 use patient_sync::sandbox::population::{Population, PopulationConfig};
 use patient_sync::store::{PatientRow, Store};
 use patient_sync::sync::apply::{apply_record, IdentitySettings};
-use patient_sync::sync::apply_batch::apply_records;
+use patient_sync::sync::apply_batch::{
+    apply_page, apply_records, read_ahead, AheadPrepared, Previous, ReadAhead,
+};
 
 use crate::helpers::{database, Db};
 use crate::on_both_backends;
@@ -171,3 +174,347 @@ async fn pages_decide_like_one_record_at_a_time(db: Db) {
 }
 
 on_both_backends!(pages_decide_like_one_record_at_a_time);
+
+/// Pages whose candidates were read ahead, once the previous page's transaction had begun
+/// (before its commit for some pages, after it for others), decide exactly like pages that
+/// read them in their own transaction. On SQLite the read-ahead serves every page of new
+/// records; Postgres has no write stamps and reads in the transaction.
+async fn pages_read_ahead_decide_like_pages_read_inside(db: Db) {
+    let pop = Population::generate(&PopulationConfig {
+        people: 150,
+        seed: 78,
+        ..Default::default()
+    });
+    let mut records = listed(&pop);
+    let second_pass = records.clone();
+    records.extend(second_pass);
+    let keys: Vec<SourceKey> = records.iter().map(|r| r.key.clone()).collect();
+    let identity = IdentitySettings::default();
+    let now = Utc::now();
+    let pages: Vec<Vec<&SourceRecord>> = records.chunks(25).map(|p| p.iter().collect()).collect();
+
+    let inside = database(db).await;
+    for page in &pages {
+        let mut tx = inside.store.begin().await.unwrap();
+        apply_records(tx.as_mut(), page, &identity, now)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+
+    let ahead = database(db).await;
+    let store = ahead.store.as_ref();
+    let mut previous: Option<Previous> = None;
+    let mut read: Option<ReadAhead> = None;
+    let mut used = 0;
+    // Pages of new records throughout whose previous page was one too: those a read-ahead
+    // serves.
+    let mut servable = 0;
+    for (i, page) in pages.iter().enumerate() {
+        let mut tx = store.begin().await.unwrap();
+        let stamp = tx.write_stamp().await.unwrap();
+        assert_eq!(stamp.is_some(), db == Db::Sqlite);
+        let mut next = pages
+            .get(i + 1)
+            .map(|p| AheadPrepared::new(p, &identity.matching));
+        let given = match (read.take(), previous.as_ref(), stamp) {
+            (Some(r), Some(p), Some(s)) => Some((r, p, s)),
+            _ => None,
+        };
+        let paged = apply_page(tx.as_mut(), page, &identity, now, given)
+            .await
+            .unwrap();
+        used += usize::from(paged.read_ahead_used);
+        let tracked = |p: &Option<Previous>| p.as_ref().is_some_and(|p| p.changed.is_some());
+        servable += usize::from(paged.changed.is_some() && tracked(&previous));
+        // Even pages: the next page is read while this transaction is open; odd pages: after
+        // it committed.
+        if i % 2 == 0 {
+            if let (Some(n), Some(s)) = (next.take(), stamp) {
+                read = Some(read_ahead(store, n, s).await.unwrap());
+            }
+        }
+        tx.commit().await.unwrap();
+        if let (Some(next), Some(stamp)) = (next, stamp) {
+            read = Some(read_ahead(store, next, stamp).await.unwrap());
+        }
+        previous = stamp.map(|stamp| Previous {
+            stamp,
+            changed: paged.changed,
+        });
+    }
+
+    let a = outcome(inside.store.as_ref(), &keys).await;
+    let b = outcome(ahead.store.as_ref(), &keys).await;
+    assert!(
+        a.patients.len() < keys.len() / 2,
+        "the population links across systems ({} patients)",
+        a.patients.len()
+    );
+    assert_eq!(b.links, a.links);
+    assert_eq!(b.patients, a.patients);
+    assert_eq!(b.reviews, a.reviews);
+    if db == Db::Sqlite {
+        // Most of the first pass (the second holds records seen before).
+        assert!(used > pages.len() / 4, "{used} of {} pages", pages.len());
+        assert_eq!(used, servable);
+    } else {
+        assert_eq!(used, 0);
+    }
+}
+
+on_both_backends!(pages_read_ahead_decide_like_pages_read_inside);
+
+/// A read-ahead is not used when anything but the previous page's transaction committed
+/// after it was read: a statement of this process on the writer, or another process. The
+/// page then reads in its transaction and sees that write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_ahead_is_dropped_when_another_write_came_between() {
+    let pop = Population::generate(&PopulationConfig {
+        people: 60,
+        seed: 79,
+        ..Default::default()
+    });
+    let records = listed(&pop);
+    let identity = IdentitySettings::default();
+    let now = Utc::now();
+    // A Healthie record and an IntakeQ record of one person that link automatically when the
+    // IntakeQ record comes second.
+    let reference = database(Db::Sqlite).await;
+    for record in &records {
+        let mut tx = reference.store.begin().await.unwrap();
+        apply_record(tx.as_mut(), record, &identity, now)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    let mut pair = None;
+    for r in records
+        .iter()
+        .filter(|r| r.key.source == SourceKind::Intakeq)
+    {
+        let link = reference.store.load_link(&r.key).await.unwrap().unwrap();
+        if link.method == patient_sync::store::LinkMethod::New {
+            continue;
+        }
+        let partners = reference
+            .store
+            .load_patient_links(&link.patient_id)
+            .await
+            .unwrap();
+        if let [only] = partners
+            .iter()
+            .filter(|l| l.key != r.key)
+            .collect::<Vec<_>>()[..]
+        {
+            if only.key.source == SourceKind::Healthie {
+                pair = Some((only.key.clone(), r.clone()));
+                break;
+            }
+        }
+    }
+    let (healthie_key, intakeq) = pair.expect("the population has a linked pair");
+    let healthie = records.iter().find(|r| r.key == healthie_key).unwrap();
+    let truth = pop.ground_truth();
+    let unrelated: &SourceRecord = records
+        .iter()
+        .find(|r| r.key.source == SourceKind::Hint && truth[&r.key] != truth[&intakeq.key])
+        .unwrap();
+
+    enum Between {
+        Nothing,
+        ThisProcess,
+        OtherProcess,
+    }
+    for between in [
+        Between::Nothing,
+        Between::ThisProcess,
+        Between::OtherProcess,
+    ] {
+        let db = database(Db::Sqlite).await;
+        let store = db.store.as_ref();
+        // Page one: an unrelated record; the page after it (the IntakeQ record) is read
+        // while page one's transaction is open.
+        let mut tx = store.begin().await.unwrap();
+        let stamp = tx.write_stamp().await.unwrap().unwrap();
+        let read = read_ahead(
+            store,
+            AheadPrepared::new(&[&intakeq], &identity.matching),
+            stamp,
+        )
+        .await
+        .unwrap();
+        let paged = apply_page(tx.as_mut(), &[unrelated], &identity, now, None)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let previous = Previous {
+            stamp,
+            changed: paged.changed,
+        };
+        match between {
+            Between::Nothing => {}
+            Between::ThisProcess => {
+                // The Healthie record through this process's writer.
+                let mut tx = store.begin().await.unwrap();
+                apply_record(tx.as_mut(), healthie, &identity, now)
+                    .await
+                    .unwrap();
+                tx.commit().await.unwrap();
+            }
+            Between::OtherProcess => {
+                let other = patient_sync::store::connect(&db.url, 2).await.unwrap();
+                let mut tx = other.begin().await.unwrap();
+                apply_record(tx.as_mut(), healthie, &identity, now)
+                    .await
+                    .unwrap();
+                tx.commit().await.unwrap();
+            }
+        }
+        let mut tx = store.begin().await.unwrap();
+        let now_stamp = tx.write_stamp().await.unwrap().unwrap();
+        let paged = apply_page(
+            tx.as_mut(),
+            &[&intakeq],
+            &identity,
+            now,
+            Some((read, &previous, now_stamp)),
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        let link = store.load_link(&intakeq.key).await.unwrap().unwrap();
+        match between {
+            Between::Nothing => {
+                assert!(now_stamp.follows(&stamp));
+                assert!(paged.read_ahead_used);
+                assert_eq!(link.method, patient_sync::store::LinkMethod::New);
+            }
+            Between::ThisProcess | Between::OtherProcess => {
+                assert!(!now_stamp.follows(&stamp));
+                assert!(!paged.read_ahead_used);
+                let healthie_link = store.load_link(&healthie.key).await.unwrap().unwrap();
+                assert_eq!(link.patient_id, healthie_link.patient_id);
+            }
+        }
+    }
+}
+
+/// A statement committed on the writer outside any transaction (this process) moves the next
+/// write stamp off `follows` as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_on_the_writer_between_two_transactions_is_counted() {
+    let db = database(Db::Sqlite).await;
+    let store = db.store.as_ref();
+    let mut tx = store.begin().await.unwrap();
+    let first = tx.write_stamp().await.unwrap().unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = store.begin().await.unwrap();
+    let second = tx.write_stamp().await.unwrap().unwrap();
+    tx.commit().await.unwrap();
+    assert!(second.follows(&first));
+    store
+        .save_sync_state(&patient_sync::store::SyncState {
+            source: SourceKind::Hint,
+            stream: "patients".into(),
+            cursor: None,
+            checkpoint: None,
+            last_success_at: None,
+            updated_at: Utc::now(),
+        })
+        .await
+        .unwrap();
+    let mut tx = store.begin().await.unwrap();
+    let third = tx.write_stamp().await.unwrap().unwrap();
+    assert!(!third.follows(&second));
+}
+
+/// A page's read-ahead, taken before the previous page linked a record to one of its
+/// candidates, is brought up to date: the candidate's records are read again, so the page
+/// decides against them and its canonical row holds all three systems' records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_ahead_reads_again_the_patients_the_previous_page_joined() {
+    let pop = Population::generate(&PopulationConfig {
+        people: 60,
+        seed: 80,
+        ..Default::default()
+    });
+    let records = listed(&pop);
+    let identity = IdentitySettings::default();
+    let now = Utc::now();
+    let reference = database(Db::Sqlite).await;
+    for record in &records {
+        let mut tx = reference.store.begin().await.unwrap();
+        apply_record(tx.as_mut(), record, &identity, now)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    // A patient of exactly one record from each system.
+    let mut trio = None;
+    for r in records.iter().filter(|r| r.key.source == SourceKind::Hint) {
+        let link = reference.store.load_link(&r.key).await.unwrap().unwrap();
+        let mut keys: Vec<SourceKey> = reference
+            .store
+            .load_patient_links(&link.patient_id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| l.key)
+            .collect();
+        keys.sort();
+        if let [h, q, _] = &keys[..] {
+            if h.source == SourceKind::Healthie && q.source == SourceKind::Intakeq {
+                trio = Some(keys);
+                break;
+            }
+        }
+    }
+    let trio = trio.expect("the population has a patient in all three systems");
+    let record = |k: &SourceKey| records.iter().find(|r| &r.key == k).unwrap();
+    let (healthie, intakeq, hint) = (record(&trio[0]), record(&trio[1]), record(&trio[2]));
+
+    let db = database(Db::Sqlite).await;
+    let store = db.store.as_ref();
+    let mut tx = store.begin().await.unwrap();
+    apply_record(tx.as_mut(), healthie, &identity, now)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    // Page one joins the IntakeQ record to the Healthie record's patient; page two (the Hint
+    // record) was read before that commit.
+    let mut tx = store.begin().await.unwrap();
+    let stamp = tx.write_stamp().await.unwrap().unwrap();
+    let read = read_ahead(
+        store,
+        AheadPrepared::new(&[hint], &identity.matching),
+        stamp,
+    )
+    .await
+    .unwrap();
+    let paged = apply_page(tx.as_mut(), &[intakeq], &identity, now, None)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let previous = Previous {
+        stamp,
+        changed: paged.changed,
+    };
+    let mut tx = store.begin().await.unwrap();
+    let next = tx.write_stamp().await.unwrap().unwrap();
+    let paged = apply_page(
+        tx.as_mut(),
+        &[hint],
+        &identity,
+        now,
+        Some((read, &previous, next)),
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert!(paged.read_ahead_used);
+    let expected = outcome(reference.store.as_ref(), &trio).await;
+    let got = outcome(store, &trio).await;
+    assert_eq!(got.patients, expected.patients);
+    assert_eq!(got.links, expected.links);
+}
