@@ -7,7 +7,7 @@
 //!   with profiles; Hint `GET /api/provider/patients?filter=all&sort=created_at`, limit/offset.
 //!   Every upstream call runs in the bulk lane ([`bulk`]), paced evenly at the configured rate
 //!   (no bursts). The next page is fetched while the current one is applied and, on SQLite,
-//!   its candidates are read once the current page's transaction has begun ([`ReadWindow`]).
+//!   its candidates are read once the current page's transaction has begun (`ReadWindow`).
 //! - Resumable: after every page `sync_state` row `(source, "resync:<stream>")` holds the next
 //!   page cursor in `checkpoint` (and `{"pass", "done"}` in `cursor`); row `(source, "resync")`
 //!   gets `last_success_at` when a whole pass completes. `resync_runs` holds the pass counter

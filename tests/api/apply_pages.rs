@@ -265,21 +265,19 @@ async fn pages_read_ahead_decide_like_pages_read_inside(db: Db) {
 
 on_both_backends!(pages_read_ahead_decide_like_pages_read_inside);
 
-/// A read-ahead is not used when anything but the previous page's transaction committed
-/// after it was read: a statement of this process on the writer, or another process. The
-/// page then reads in its transaction and sees that write.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_read_ahead_is_dropped_when_another_write_came_between() {
+/// A population of 60 people (`seed`), its records as listed, and a store that applied them
+/// one at a time in that order: the decisions the tests below compare with.
+async fn applied_one_at_a_time(
+    seed: u64,
+) -> (Population, Vec<SourceRecord>, crate::helpers::TestDb) {
     let pop = Population::generate(&PopulationConfig {
         people: 60,
-        seed: 79,
+        seed,
         ..Default::default()
     });
     let records = listed(&pop);
     let identity = IdentitySettings::default();
     let now = Utc::now();
-    // A Healthie record and an IntakeQ record of one person that link automatically when the
-    // IntakeQ record comes second.
     let reference = database(Db::Sqlite).await;
     for record in &records {
         let mut tx = reference.store.begin().await.unwrap();
@@ -288,6 +286,48 @@ async fn a_read_ahead_is_dropped_when_another_write_came_between() {
             .unwrap();
         tx.commit().await.unwrap();
     }
+    (pop, records, reference)
+}
+
+/// Applies `record` as a page of its own (default settings), reading the page of `next` ahead
+/// while its transaction is open: the read-ahead and the page, as the next page is given them.
+async fn page_reading_the_next(
+    store: &dyn Store,
+    record: &SourceRecord,
+    next: &SourceRecord,
+    now: chrono::DateTime<Utc>,
+) -> (ReadAhead, Previous) {
+    let identity = IdentitySettings::default();
+    let mut tx = store.begin().await.unwrap();
+    let stamp = tx.write_stamp().await.unwrap().unwrap();
+    let read = read_ahead(
+        store,
+        AheadPrepared::new(&[next], &identity.matching),
+        stamp,
+    )
+    .await
+    .unwrap();
+    let paged = apply_page(tx.as_mut(), &[record], &identity, now, None)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let previous = Previous {
+        stamp,
+        changed: paged.changed,
+    };
+    (read, previous)
+}
+
+/// A read-ahead is not used when anything but the previous page's transaction committed
+/// after it was read: a statement of this process on the writer, or another process. The
+/// page then reads in its transaction and sees that write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_ahead_is_dropped_when_another_write_came_between() {
+    let (pop, records, reference) = applied_one_at_a_time(79).await;
+    let identity = IdentitySettings::default();
+    let now = Utc::now();
+    // A Healthie record and an IntakeQ record of one person that link automatically when the
+    // IntakeQ record comes second.
     let mut pair = None;
     for r in records
         .iter()
@@ -335,23 +375,8 @@ async fn a_read_ahead_is_dropped_when_another_write_came_between() {
         let store = db.store.as_ref();
         // Page one: an unrelated record; the page after it (the IntakeQ record) is read
         // while page one's transaction is open.
-        let mut tx = store.begin().await.unwrap();
-        let stamp = tx.write_stamp().await.unwrap().unwrap();
-        let read = read_ahead(
-            store,
-            AheadPrepared::new(&[&intakeq], &identity.matching),
-            stamp,
-        )
-        .await
-        .unwrap();
-        let paged = apply_page(tx.as_mut(), &[unrelated], &identity, now, None)
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
-        let previous = Previous {
-            stamp,
-            changed: paged.changed,
-        };
+        let (read, previous) = page_reading_the_next(store, unrelated, &intakeq, now).await;
+        let stamp = previous.stamp;
         match between {
             Between::Nothing => {}
             Between::ThisProcess => {
@@ -434,22 +459,9 @@ async fn a_statement_on_the_writer_between_two_transactions_is_counted() {
 /// decides against them and its canonical row holds all three systems' records.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_ahead_reads_again_the_patients_the_previous_page_joined() {
-    let pop = Population::generate(&PopulationConfig {
-        people: 60,
-        seed: 80,
-        ..Default::default()
-    });
-    let records = listed(&pop);
+    let (_, records, reference) = applied_one_at_a_time(80).await;
     let identity = IdentitySettings::default();
     let now = Utc::now();
-    let reference = database(Db::Sqlite).await;
-    for record in &records {
-        let mut tx = reference.store.begin().await.unwrap();
-        apply_record(tx.as_mut(), record, &identity, now)
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
-    }
     // A patient of exactly one record from each system.
     let mut trio = None;
     for r in records.iter().filter(|r| r.key.source == SourceKind::Hint) {
@@ -483,23 +495,7 @@ async fn a_read_ahead_reads_again_the_patients_the_previous_page_joined() {
     tx.commit().await.unwrap();
     // Page one joins the IntakeQ record to the Healthie record's patient; page two (the Hint
     // record) was read before that commit.
-    let mut tx = store.begin().await.unwrap();
-    let stamp = tx.write_stamp().await.unwrap().unwrap();
-    let read = read_ahead(
-        store,
-        AheadPrepared::new(&[hint], &identity.matching),
-        stamp,
-    )
-    .await
-    .unwrap();
-    let paged = apply_page(tx.as_mut(), &[intakeq], &identity, now, None)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-    let previous = Previous {
-        stamp,
-        changed: paged.changed,
-    };
+    let (read, previous) = page_reading_the_next(store, intakeq, hint, now).await;
     let mut tx = store.begin().await.unwrap();
     let next = tx.write_stamp().await.unwrap().unwrap();
     let paged = apply_page(
