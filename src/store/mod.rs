@@ -770,10 +770,10 @@ pub trait StoreTx: Send {
         now: DateTime<Utc>,
     ) -> StoreResult<()>;
     async fn commit(self: Box<Self>) -> StoreResult<()>;
-    /// Where the writer stands (SQLite; `None` elsewhere): a read taken while this transaction
-    /// is open and not committing sees the store as it began, and a later transaction whose
-    /// stamp [`follows`](WriteStamp::follows) this one's knows that only this one's writes
-    /// came between.
+    /// Where the writer stands (SQLite; `None` elsewhere): a later transaction whose stamp
+    /// [`follows`](WriteStamp::follows) this one's knows that this one's commit was the only
+    /// one between them, so a read taken outside both, after this one began, missed at most
+    /// this one's writes.
     async fn write_stamp(&mut self) -> StoreResult<Option<WriteStamp>>;
     /// [`Store::save_sync_state`] inside this transaction.
     async fn save_sync_state(&mut self, state: &SyncState) -> StoreResult<()>;
