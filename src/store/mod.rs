@@ -285,9 +285,12 @@ pub struct Link {
     pub decided_at: DateTime<Utc>,
 }
 
+/// `decided_by` of a link an admin made: automatic matching never moves it.
+pub const ADMIN: &str = "admin";
+
 impl Link {
     pub fn is_manual(&self) -> bool {
-        self.decided_by == "admin"
+        self.decided_by == ADMIN
     }
 }
 
@@ -589,6 +592,18 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> StoreResult<Vec<(SourceKey, String)>>;
     /// Every version of a canonical row, oldest first.
+    /// Calls `f` with `(source, source id, blocking key)` for every stored blocking key, in no
+    /// particular order, from one streamed query (no page restarts, no owned strings).
+    async fn for_each_match_key(
+        &self,
+        f: &mut (dyn for<'k> FnMut(SourceKind, &'k str, &'k str) + Send),
+    ) -> StoreResult<()>;
+    /// Calls `f` with `(source, source id, patient id, decided by an admin)` for every link, in
+    /// no particular order, from one streamed query.
+    async fn for_each_link_target(
+        &self,
+        f: &mut (dyn for<'k> FnMut(SourceKind, &'k str, &'k str, bool) + Send),
+    ) -> StoreResult<()>;
     async fn load_patient_history(&self, id: &PatientId) -> StoreResult<Vec<PatientVersion>>;
     /// One page, in `patient_id` order strictly after `after`, of the versions that were
     /// current at `at` (`valid_from <= at < valid_to`): the table as it was then.

@@ -801,6 +801,39 @@ macro_rules! impl_store {
                     .collect()
             }
 
+            async fn for_each_match_key(
+                &self,
+                f: &mut (dyn for<'k> FnMut(SourceKind, &'k str, &'k str) + Send),
+            ) -> StoreResult<()> {
+                use futures::TryStreamExt;
+                let mut rows = sqlx::query("SELECT source, source_id, key FROM match_keys").fetch(&self.pool);
+                while let Some(row) = rows.try_next().await? {
+                    f(
+                        parse_source(row.try_get::<&str, _>(0)?)?,
+                        row.try_get::<&str, _>(1)?,
+                        row.try_get::<&str, _>(2)?,
+                    );
+                }
+                Ok(())
+            }
+
+            async fn for_each_link_target(
+                &self,
+                f: &mut (dyn for<'k> FnMut(SourceKind, &'k str, &'k str, bool) + Send),
+            ) -> StoreResult<()> {
+                use futures::TryStreamExt;
+                let mut rows = sqlx::query("SELECT source, source_id, patient_id, decided_by FROM links").fetch(&self.pool);
+                while let Some(row) = rows.try_next().await? {
+                    f(
+                        parse_source(row.try_get::<&str, _>(0)?)?,
+                        row.try_get::<&str, _>(1)?,
+                        row.try_get::<&str, _>(2)?,
+                        row.try_get::<&str, _>(3)? == crate::store::ADMIN,
+                    );
+                }
+                Ok(())
+            }
+
             async fn load_patient_history(&self, id: &PatientId) -> StoreResult<Vec<PatientVersion>> {
                 let sql = format!(
                     "SELECT {} FROM patient_history WHERE patient_id = $1 ORDER BY version",

@@ -45,7 +45,7 @@ use serde::Serialize;
 use tracing::{info, instrument};
 
 use crate::identity::{self, LinkTarget, PreparedCandidate};
-use crate::model::{PatientId, RecordStatus, SourceKey, SourceRecord};
+use crate::model::{PatientId, RecordStatus, SourceKey, SourceKind, SourceRecord};
 use crate::store::{
     FieldSource, Link, LinkEvent, LinkMethod, PatientRow, ReviewState, Store, StoreResult, StoreTx,
 };
@@ -256,14 +256,19 @@ const OTHER: u32 = 1 << 30;
 
 impl Patients {
     fn intern(&mut self, id: &PatientId) -> u32 {
+        self.intern_str(id.as_str())
+    }
+
+    fn intern_str(&mut self, id: &str) -> u32 {
         let i = match as_uuid(id) {
             Some(u) => *self.stored_index.entry(u).or_insert_with(|| {
                 self.stored.push(u);
                 self.stored.len() as u32 - 1
             }),
             None => {
+                let id = PatientId(id.to_string());
                 *self.others_index.entry(id.clone()).or_insert_with(|| {
-                    self.others.push(id.clone());
+                    self.others.push(id);
                     self.others.len() as u32 - 1
                 }) | OTHER
             }
@@ -274,7 +279,7 @@ impl Patients {
 
     /// The number of a stored id interned before.
     fn find(&self, id: &PatientId) -> Option<u32> {
-        match as_uuid(id) {
+        match as_uuid(id.as_str()) {
             Some(u) => self.stored_index.get(&u).copied(),
             None => self.others_index.get(id).map(|i| i | OTHER),
         }
@@ -318,10 +323,10 @@ impl Patients {
 }
 
 /// The UUID an id is the text of, when [`PatientId::from_uuid`] writes it back the same.
-fn as_uuid(id: &PatientId) -> Option<uuid::Uuid> {
-    let u = uuid::Uuid::try_parse(id.as_str()).ok()?;
+fn as_uuid(id: &str) -> Option<uuid::Uuid> {
+    let u = uuid::Uuid::try_parse(id).ok()?;
     let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    (u.hyphenated().encode_lower(&mut text) == id.as_str()).then_some(u)
+    (u.hyphenated().encode_lower(&mut text) == id).then_some(u)
 }
 
 fn bucket_of(h: u64) -> usize {
@@ -389,8 +394,14 @@ fn hash_key(key: &str) -> u64 {
 }
 
 fn hash_source_key(key: &SourceKey) -> u64 {
+    hash_source_key_parts(key.source, key.id.as_str())
+}
+
+/// [`hash_source_key`] of the key `(source, id)`, without making one.
+fn hash_source_key_parts(source: SourceKind, id: &str) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    key.hash(&mut h);
+    source.hash(&mut h);
+    id.hash(&mut h);
     h.finish()
 }
 
@@ -402,11 +413,15 @@ struct KeyLookup {
 }
 
 impl KeyLookup {
-    fn find(&self, loaded: &Loaded, key: &SourceKey) -> Option<u32> {
-        match self.by_hash.get(&hash_source_key(key)) {
+    /// The record `(source, id)`.
+    fn find(&self, loaded: &Loaded, source: SourceKind, id: &str) -> Option<u32> {
+        match self.by_hash.get(&hash_source_key_parts(source, id)) {
             None => None,
-            Some(&NONE) => loaded.find(key),
-            Some(&i) => (loaded.key(i) == key).then_some(i),
+            Some(&NONE) => loaded.find(&SourceKey::new(source, id.to_string())),
+            Some(&i) => {
+                let key = loaded.key(i);
+                (key.source == source && key.id.as_str() == id).then_some(i)
+            }
         }
     }
 }
@@ -636,23 +651,18 @@ pub async fn rebuild(
 
     // Blocking keys: rewritten only for records whose key set changed.
     let mut stored: Vec<Option<Fingerprint>> = vec![None; loaded.records.len()];
-    let mut after: Option<(SourceKey, String)> = None;
     let mut lookup: Option<KeyLookup> = None;
-    loop {
-        let page = store
-            .load_match_keys_page(after.as_ref(), options.page_size)
-            .await?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.clone());
-        let lookup = lookup.get_or_insert_with(|| loaded.lookup());
-        for (key, k) in &page {
-            if let Some(i) = lookup.find(&loaded, key) {
+    let records = &*loaded;
+    store
+        .for_each_match_key(&mut |source, id, key| {
+            let lookup = lookup.get_or_insert_with(|| records.lookup());
+            if let Some(i) = lookup.find(records, source, id) {
                 stored[i as usize]
                     .get_or_insert_with(Fingerprint::default)
-                    .add(hash_key(k));
+                    .add(hash_key(key));
             }
-        }
-    }
+        })
+        .await?;
     drop(lookup);
     info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
@@ -1073,25 +1083,23 @@ async fn load(
         rejected: HashSet::new(),
     };
 
-    let mut after: Option<SourceKey> = None;
+    // Every link, streamed: only its record, patient and whether an admin made it.
+    let mut current = std::mem::take(&mut loaded.current);
+    let mut patients = std::mem::take(&mut loaded.patients);
     let mut lookup: Option<KeyLookup> = None;
-    loop {
-        let page = store
-            .load_links_page(after.as_ref(), options.page_size)
-            .await?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.key.clone());
-        let lookup = lookup.get_or_insert_with(|| loaded.lookup());
-        for link in page {
-            if let Some(i) = lookup.find(&loaded, &link.key) {
-                let patient = loaded.patients.intern(&link.patient_id);
-                loaded.current[i as usize] = Some(Current {
-                    patient,
-                    manual: link.is_manual(),
-                });
+    let records = &loaded;
+    store
+        .for_each_link_target(&mut |source, id, patient, manual| {
+            let lookup = lookup.get_or_insert_with(|| records.lookup());
+            if let Some(i) = lookup.find(records, source, id) {
+                let patient = patients.intern_str(patient);
+                current[i as usize] = Some(Current { patient, manual });
             }
-        }
-    }
+        })
+        .await?;
+    drop(lookup);
+    loaded.current = current;
+    loaded.patients = patients;
     for review in store
         .list_reviews(Some(ReviewState::Rejected), u32::MAX)
         .await?

@@ -120,7 +120,7 @@ async fn bulk_writes_span_statements_and_keep_history_chained(db: Db) {
                     method: LinkMethod::New,
                     rule: Some("rebuild".into()),
                     score: None,
-                    decided_by: "auto".into(),
+                    decided_by: if i % 7 == 0 { "admin" } else { "auto" }.into(),
                     decided_at: at(30),
                 },
                 LinkEvent {
@@ -170,6 +170,33 @@ async fn bulk_writes_span_statements_and_keep_history_chained(db: Db) {
         "duplicates dropped, every record's keys kept"
     );
     assert!(stored.contains(&(key(N - 1), format!("dob:{}", N - 1))));
+
+    // The same keys streamed, and every link's record, patient and admin mark.
+    let mut streamed = Vec::new();
+    s.for_each_match_key(&mut |source, id, k| {
+        streamed.push((SourceKey::new(source, id.to_string()), k.to_string()))
+    })
+    .await
+    .unwrap();
+    streamed.sort();
+    stored.sort();
+    assert_eq!(streamed, stored);
+    let mut targets = Vec::new();
+    s.for_each_link_target(&mut |source, id, patient, manual| {
+        targets.push((
+            SourceKey::new(source, id.to_string()),
+            patient.to_string(),
+            manual,
+        ))
+    })
+    .await
+    .unwrap();
+    targets.sort();
+    let mut expected: Vec<(SourceKey, String, bool)> = (0..N)
+        .map(|i| (key(i), format!("p{i:04}"), i % 7 == 0))
+        .collect();
+    expected.sort();
+    assert_eq!(targets, expected);
 }
 
 crate::on_both_backends!(bulk_writes_span_statements_and_keep_history_chained);
