@@ -77,6 +77,11 @@ impl SqliteStore {
         url: &str,
         max_connections: u32,
     ) -> Result<Self, crate::store::StoreError> {
+        if !crate::alloc::sqlite_uses_mimalloc() {
+            tracing::debug!(
+                "SQLite had started before the store: it keeps the C library's allocator."
+            );
+        }
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
