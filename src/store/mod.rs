@@ -285,7 +285,8 @@ pub struct Link {
     pub decided_at: DateTime<Utc>,
 }
 
-/// `decided_by` of a link an admin made: automatic matching never moves it.
+/// `decided_by` of a link (and a review decision) an admin made: automatic matching never
+/// moves such a link.
 pub const ADMIN: &str = "admin";
 
 impl Link {

@@ -23,7 +23,7 @@ use crate::store::{
 use crate::sync::apply::{refresh_patient, IdentitySettings};
 
 /// Who admin decisions are recorded as (`links.decided_by`, `match_reviews.decided_by`).
-pub const ADMIN: &str = "admin";
+pub use crate::store::ADMIN;
 
 /// Merged rows are followed at most this far to the surviving patient.
 const MAX_MERGE_HOPS: usize = 16;

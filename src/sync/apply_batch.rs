@@ -34,11 +34,8 @@ pub async fn apply_records(
 
 /// A page's candidates read outside its transaction by [`read_ahead`].
 pub struct ReadAhead {
-    /// The records it was read for, in order.
-    records: Vec<SourceKey>,
-    mine: Vec<Prepared>,
-    keys: Vec<Vec<String>>,
-    all_keys: Vec<String>,
+    /// The records it was read for.
+    prepared: AheadPrepared,
     reach: HashMap<String, BTreeSet<PatientId>>,
     members: HashMap<PatientId, Vec<SourceRecord>>,
     /// The stamp of the write transaction that had begun when the read began.
@@ -72,6 +69,7 @@ pub struct Paged {
 
 /// A page's records prepared for [`read_ahead`] (pure computation, done before the read).
 pub struct AheadPrepared {
+    /// The records, in order.
     records: Vec<SourceKey>,
     mine: Vec<Prepared>,
     keys: Vec<Vec<String>>,
@@ -86,9 +84,7 @@ impl AheadPrepared {
         let group: Vec<&SourceRecord> = records
             .iter()
             .copied()
-            .filter(|r| {
-                r.status != RecordStatus::Merged && r.merged_into.is_none() && seen.insert(&r.key)
-            })
+            .filter(|r| groupable(r) && seen.insert(&r.key))
             .collect();
         let (mine, keys, all_keys) = prepare(&group, cfg);
         Self {
@@ -109,13 +105,7 @@ pub async fn read_ahead(
     prepared: AheadPrepared,
     during: WriteStamp,
 ) -> StoreResult<ReadAhead> {
-    let AheadPrepared {
-        records,
-        mine,
-        keys,
-        all_keys,
-    } = prepared;
-    let (found, linked) = store.read_candidates(&all_keys).await?;
+    let (found, linked) = store.read_candidates(&prepared.all_keys).await?;
     let mut reach: HashMap<String, BTreeSet<PatientId>> = HashMap::new();
     for (key, patient) in found {
         reach.entry(key).or_default().insert(patient);
@@ -125,10 +115,7 @@ pub async fn read_ahead(
         members.entry(patient).or_default().push(record);
     }
     Ok(ReadAhead {
-        records,
-        mine,
-        keys,
-        all_keys,
+        prepared,
         reach,
         members,
         during,
@@ -183,10 +170,7 @@ pub async fn apply_page(
     let mut grouped: HashSet<&SourceKey> = HashSet::new();
     let mut changed = Some(Changed::default());
     for &record in records {
-        let new = !known.contains(&record.key)
-            && record.status != RecordStatus::Merged
-            && record.merged_into.is_none()
-            && grouped.insert(&record.key);
+        let new = !known.contains(&record.key) && groupable(record) && grouped.insert(&record.key);
         if new {
             group.push(record);
             continue;
@@ -200,8 +184,13 @@ pub async fn apply_page(
     // changes are known, committed since it was read.
     let current = ahead.and_then(|(read, previous, stamp)| {
         let whole = out.is_empty()
-            && read.records.len() == group.len()
-            && read.records.iter().zip(&group).all(|(a, b)| *a == b.key);
+            && read.prepared.records.len() == group.len()
+            && read
+                .prepared
+                .records
+                .iter()
+                .zip(&group)
+                .all(|(a, b)| *a == b.key);
         let fresh = read.during == previous.stamp && stamp.follows(&previous.stamp);
         match &previous.changed {
             Some(since) if whole && fresh => Some((read, since)),
@@ -215,6 +204,11 @@ pub async fn apply_page(
         changed,
         read_ahead_used,
     })
+}
+
+/// A record that can be decided in a group when it is new: not merged away upstream.
+fn groupable(record: &SourceRecord) -> bool {
+    record.status != RecordStatus::Merged && record.merged_into.is_none()
 }
 
 /// The records' ids, by source.
@@ -247,9 +241,9 @@ async fn apply_new_records(
     let cfg = &settings.matching;
     let (mine, keys, all_keys, mut reach, mut members, since) = match ahead {
         Some((read, since)) => (
-            read.mine,
-            read.keys,
-            read.all_keys,
+            read.prepared.mine,
+            read.prepared.keys,
+            read.prepared.all_keys,
             read.reach,
             read.members,
             Some(since),
