@@ -806,15 +806,28 @@ macro_rules! impl_store {
                 f: &mut (dyn for<'k> FnMut(SourceKind, &'k str, &'k str) + Send),
             ) -> StoreResult<()> {
                 use futures::TryStreamExt;
-                let mut rows = sqlx::query("SELECT source, source_id, key FROM match_keys").fetch(&self.pool);
-                while let Some(row) = rows.try_next().await? {
-                    f(
-                        parse_source(row.try_get::<&str, _>(0)?)?,
-                        row.try_get::<&str, _>(1)?,
-                        row.try_get::<&str, _>(2)?,
-                    );
+                let mut conn = self.pool.acquire().await?;
+                if matches!($backend, Backend::Sqlite) {
+                    let kib = crate::store::sql::SCAN_CACHE_KIB;
+                    sqlx::query(&format!("PRAGMA cache_size = -{kib}")).execute(&mut *conn).await?;
                 }
-                Ok(())
+                let scanned: StoreResult<()> = async {
+                    let mut rows = sqlx::query("SELECT source, source_id, key FROM match_keys").fetch(&mut *conn);
+                    while let Some(row) = rows.try_next().await? {
+                        f(
+                            parse_source(row.try_get::<&str, _>(0)?)?,
+                            row.try_get::<&str, _>(1)?,
+                            row.try_get::<&str, _>(2)?,
+                        );
+                    }
+                    Ok(())
+                }
+                .await;
+                if matches!($backend, Backend::Sqlite) {
+                    let kib = crate::store::sqlite::CACHE_KIB;
+                    sqlx::query(&format!("PRAGMA cache_size = -{kib}")).execute(&mut *conn).await?;
+                }
+                scanned
             }
 
             async fn for_each_link_target(
@@ -822,16 +835,30 @@ macro_rules! impl_store {
                 f: &mut (dyn for<'k> FnMut(SourceKind, &'k str, &'k str, bool) + Send),
             ) -> StoreResult<()> {
                 use futures::TryStreamExt;
-                let mut rows = sqlx::query("SELECT source, source_id, patient_id, decided_by FROM links").fetch(&self.pool);
-                while let Some(row) = rows.try_next().await? {
-                    f(
-                        parse_source(row.try_get::<&str, _>(0)?)?,
-                        row.try_get::<&str, _>(1)?,
-                        row.try_get::<&str, _>(2)?,
-                        row.try_get::<&str, _>(3)? == crate::store::ADMIN,
-                    );
+                let mut conn = self.pool.acquire().await?;
+                if matches!($backend, Backend::Sqlite) {
+                    let kib = crate::store::sql::SCAN_CACHE_KIB;
+                    sqlx::query(&format!("PRAGMA cache_size = -{kib}")).execute(&mut *conn).await?;
                 }
-                Ok(())
+                let scanned: StoreResult<()> = async {
+                    let mut rows = sqlx::query("SELECT source, source_id, patient_id, decided_by FROM links")
+                        .fetch(&mut *conn);
+                    while let Some(row) = rows.try_next().await? {
+                        f(
+                            parse_source(row.try_get::<&str, _>(0)?)?,
+                            row.try_get::<&str, _>(1)?,
+                            row.try_get::<&str, _>(2)?,
+                            row.try_get::<&str, _>(3)? == crate::store::ADMIN,
+                        );
+                    }
+                    Ok(())
+                }
+                .await;
+                if matches!($backend, Backend::Sqlite) {
+                    let kib = crate::store::sqlite::CACHE_KIB;
+                    sqlx::query(&format!("PRAGMA cache_size = -{kib}")).execute(&mut *conn).await?;
+                }
+                scanned
             }
 
             async fn load_patient_history(&self, id: &PatientId) -> StoreResult<Vec<PatientVersion>> {
@@ -1903,6 +1930,10 @@ macro_rules! impl_store {
         }
     };
 }
+
+/// The page cache (KiB) of a pooled SQLite connection while it scans a whole table once: no
+/// page is read twice, and a full cache (32 MiB) would stay resident beside a rebuild's peak.
+pub(crate) const SCAN_CACHE_KIB: i64 = 1024;
 
 /// Bound parameters per multi-row statement with numbered (`$N`) placeholders. Small on
 /// purpose: the SQLite driver resolves each `$N` by name with a scan of the statement's
