@@ -19,7 +19,9 @@
 //!    record; any other record runs [`identity::decide_prepared`] (the same ladder as
 //!    `decide`, nothing normalized again) against the clusters its keys reach, each cluster's
 //!    candidate view (label and records) kept from one decision to the next. A cluster is
-//!    rejected for a record when an admin rejected the pair in either direction.
+//!    rejected for a record when an admin rejected the pair in either direction. Clustering
+//!    uses one core, on a thread of its own; beside it, the stored blocking keys are read and
+//!    those of records whose key set changed are rewritten (keys depend on the record alone).
 //! 3. **Name** each cluster: an admin's patient keeps its id; any other cluster takes the
 //!    patient most of its records are linked to now (largest first, each id used once), or a
 //!    new id. So a record keeps its patient when the new decision agrees, and only links whose
@@ -28,10 +30,10 @@
 //!    proposals (idempotent inserts), canonical rows whose values changed (compared like
 //!    `refresh_patient`, so an unchanged row gets no new version; computed on a thread of their
 //!    own while this task reads and writes), rows left without records (`merged` into where
-//!    their records went, else `deleted`), and blocking keys whose set changed. When none of
-//!    the records to rewrite has keys stored (a rebuild from bare records), all their keys are
+//!    their records went, else `deleted`). When none of the records whose keys changed has
+//!    keys stored (a rebuild from bare records), their keys are written last instead: all
 //!    computed, sorted and inserted in key order in one transaction
-//!    ([`StoreTx::match_keys_bulk_load`]).
+//!    ([`StoreTx::match_keys_bulk_load`]), once everything else is freed.
 //!
 //! Run it with the workers stopped: it reads a snapshot and writes its result in batches.
 
@@ -70,7 +72,7 @@ pub struct RebuildOptions {
     /// Page cache of the writing connection, in MiB (SQLite).
     pub cache_mib: u32,
     /// When at least this many records have no blocking keys stored (a rebuild from bare
-    /// records), their keys are written at once in key order (see
+    /// records), their keys are written at once in key order, after the links and rows (see
     /// [`StoreTx::match_keys_bulk_load`]).
     pub bulk_keys_min: usize,
 }
@@ -106,7 +108,8 @@ pub struct RebuildReport {
     pub elapsed_ms: u64,
     /// When loading ended, from the start.
     pub loaded_ms: u64,
-    /// When clustering (and naming) ended, from the start; writing took the rest.
+    /// When clustering (and naming) ended, from the start; writing took the rest. Blocking
+    /// keys are read and rewritten beside clustering (a bulk load of fresh keys comes last).
     pub clustered_ms: u64,
 }
 
@@ -405,24 +408,28 @@ fn hash_source_key_parts(source: SourceKind, id: &str) -> u64 {
     h.finish()
 }
 
-/// Record keys by hash: one probe instead of a binary search over a million keys. Exact: a
-/// hit is checked against the key, and keys sharing a hash go to the binary search.
+/// Record keys by hash, placed like the blocking-key index ([`key_index`]): a probe reads a
+/// few neighbouring 8-byte entries instead of binary-searching a million keys, and the whole
+/// table is 12 bytes a record. Exact: every entry with the hash is checked against the key.
 struct KeyLookup {
-    /// Hash of a record key to the record, or [`NONE`] when several records share the hash.
-    by_hash: HashMap<u64, u32>,
+    index: Vec<(u32, u32)>,
+    buckets: Vec<u32>,
 }
 
 impl KeyLookup {
     /// The record `(source, id)`.
     fn find(&self, loaded: &Loaded, source: SourceKind, id: &str) -> Option<u32> {
-        match self.by_hash.get(&hash_source_key_parts(source, id)) {
-            None => None,
-            Some(&NONE) => loaded.find(&SourceKey::new(source, id.to_string())),
-            Some(&i) => {
-                let key = loaded.key(i);
-                (key.source == source && key.id.as_str() == id).then_some(i)
-            }
-        }
+        with_hash(
+            &self.index,
+            &self.buckets,
+            hash_source_key_parts(source, id),
+        )
+        .iter()
+        .map(|&(_, i)| i)
+        .find(|&i| {
+            let key = loaded.key(i);
+            key.source == source && key.id.as_str() == id
+        })
     }
 }
 
@@ -474,16 +481,16 @@ impl Loaded {
             .map(|pos| self.by_key[pos])
     }
 
-    /// A hash table of the record keys, for scans that look up every stored row.
+    /// A table of the record keys by hash, for scans that look up every stored row.
     fn lookup(&self) -> KeyLookup {
-        let mut by_hash: HashMap<u64, u32> = HashMap::with_capacity(self.prepared.len());
-        for (i, p) in self.prepared.iter().enumerate() {
-            by_hash
-                .entry(hash_source_key(&p.key))
-                .and_modify(|j| *j = NONE)
-                .or_insert(i as u32);
-        }
-        KeyLookup { by_hash }
+        let hashes: Vec<u64> = self
+            .prepared
+            .iter()
+            .map(|p| hash_source_key(&p.key))
+            .collect();
+        let offsets: Vec<u32> = (0..=hashes.len() as u32).collect();
+        let (index, buckets) = key_index(&hashes, &offsets);
+        KeyLookup { index, buckets }
     }
 
     fn key(&self, i: u32) -> &SourceKey {
@@ -527,7 +534,7 @@ pub async fn rebuild(
         dry_run: options.dry_run,
         ..Default::default()
     };
-    let loaded = load(store, settings, options).await?;
+    let loaded = Arc::new(load(store, settings, options).await?);
     report.records = loaded.records.len() as u64;
     report.loaded_ms = started.elapsed().as_millis() as u64;
     info!(
@@ -537,7 +544,22 @@ pub async fn rebuild(
         "Rebuild loaded the source records."
     );
 
-    let (cluster_of, clusters, decided, rules, proposals) = cluster(&loaded, settings, options);
+    // Clustering runs on one core, on a thread of its own. Beside it, this task brings the
+    // stored blocking keys up to date: they depend on the records alone.
+    let clustering = {
+        let (loaded, settings, options) = (loaded.clone(), settings.clone(), options.clone());
+        std::thread::spawn(move || cluster(&loaded, &settings, &options))
+    };
+    let keys = write_keys(store, &loaded, options, started).await;
+    let clustered = tokio::task::spawn_blocking(move || clustering.join())
+        .await
+        .expect("the join task is not cancelled")
+        .unwrap_or_else(|e| std::panic::resume_unwind(e));
+    let keys = keys?;
+    report.match_keys_rewritten = keys.rewritten;
+    let (cluster_of, clusters, decided, rules, proposals) = clustered;
+    let loaded = Arc::try_unwrap(loaded)
+        .unwrap_or_else(|_| panic!("clustering and the key writer are done with the records"));
     let mut patients = loaded.patients;
     let names = name_clusters(&clusters, &loaded.current, &mut patients);
     // What only clustering reads (every record's key hashes and their index, about 110 MiB
@@ -649,48 +671,19 @@ pub async fn rebuild(
         "Rebuild wrote the canonical rows."
     );
 
-    // Blocking keys: rewritten only for records whose key set changed.
-    let mut stored: Vec<Option<Fingerprint>> = vec![None; loaded.records.len()];
-    let mut lookup: Option<KeyLookup> = None;
-    let records = &*loaded;
-    store
-        .for_each_match_key(&mut |source, id, key| {
-            let lookup = lookup.get_or_insert_with(|| records.lookup());
-            if let Some(i) = lookup.find(records, source, id) {
-                stored[i as usize]
-                    .get_or_insert_with(Fingerprint::default)
-                    .add(hash_key(key));
-            }
-        })
-        .await?;
-    drop(lookup);
-    info!(
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "Rebuild read the stored blocking keys."
-    );
-    let rewrite: Vec<u32> = (0..loaded.prepared.len() as u32)
-        .filter(|&i| stored[i as usize] != Some(loaded.fingerprints[i as usize]))
-        .collect();
-    report.match_keys_rewritten = rewrite.len() as u64;
-    let fresh = !options.dry_run
-        && rewrite.len() >= options.bulk_keys_min
-        && rewrite.iter().all(|&i| stored[i as usize].is_none());
-    drop(stored);
-    if fresh {
+    if let Some(records) = keys.fresh {
         // A fresh start (no record has keys stored, many to write): every key goes in at once,
         // in key order, so the index B-trees fill in order instead of at random places. Only
         // the keys are needed now: the rest is freed first, and each prepared record as soon
         // as its keys are out.
         let Loaded { prepared, .. } = Arc::try_unwrap(loaded)
             .unwrap_or_else(|_| panic!("the row thread is done with the records"));
-        let (sorted, keys) = SortedKeys::new(prepared, &rewrite);
+        let (sorted, keys) = SortedKeys::new(prepared, &records);
         writer.fresh_keys(sorted, keys).await?;
-    } else {
-        for &i in &rewrite {
-            let prepared = &loaded.prepared[i as usize];
-            let keys = prepared.record_blocking_keys();
-            writer.keys(prepared.key.clone(), keys).await?;
-        }
+        info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "Rebuild wrote the blocking keys."
+        );
     }
     writer.finish().await?;
     report.elapsed_ms = started.elapsed().as_millis() as u64;
@@ -704,6 +697,91 @@ pub async fn rebuild(
         "Rebuild finished."
     );
     Ok(report)
+}
+
+/// Reads the stored blocking keys and rewrites those of records whose key set changed. When
+/// none of those records has keys stored and they are many (a rebuild from bare records),
+/// nothing is written: they are returned, for [`Writer::fresh_keys`] once the rest is written.
+async fn write_keys(
+    store: &dyn Store,
+    loaded: &Loaded,
+    options: &RebuildOptions,
+    started: Instant,
+) -> StoreResult<KeyWrites> {
+    // Each record's stored keys, as a fingerprint in two arrays (12 bytes a record: this runs
+    // beside clustering, at the rebuild's peak); a count of 0 means none stored.
+    let n = loaded.prepared.len();
+    let (mut sums, mut counts) = (vec![0u64; n], vec![0u32; n]);
+    let mut lookup: Option<KeyLookup> = None;
+    store
+        .for_each_match_key(&mut |source, id, key| {
+            let lookup = lookup.get_or_insert_with(|| loaded.lookup());
+            if let Some(i) = lookup.find(loaded, source, id) {
+                let mut fingerprint = Fingerprint {
+                    sum: sums[i as usize],
+                    count: u64::from(counts[i as usize]),
+                };
+                fingerprint.add(hash_key(key));
+                sums[i as usize] = fingerprint.sum;
+                counts[i as usize] = fingerprint.count as u32;
+            }
+        })
+        .await?;
+    drop(lookup);
+    let stored = |i: u32| {
+        (counts[i as usize] > 0).then_some(Fingerprint {
+            sum: sums[i as usize],
+            count: u64::from(counts[i as usize]),
+        })
+    };
+    info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "Rebuild read the stored blocking keys."
+    );
+    let rewrite: Vec<u32> = (0..n as u32)
+        .filter(|&i| stored(i) != Some(loaded.fingerprints[i as usize]))
+        .collect();
+    let fresh = !options.dry_run
+        && rewrite.len() >= options.bulk_keys_min
+        && rewrite.iter().all(|&i| stored(i).is_none());
+    drop((sums, counts));
+    let rewritten = rewrite.len() as u64;
+    if fresh {
+        return Ok(KeyWrites {
+            rewritten,
+            fresh: Some(rewrite),
+        });
+    }
+    // The connection's usual page cache: clustering holds most of the memory meanwhile.
+    let mut writer = Writer::new(
+        store,
+        &RebuildOptions {
+            cache_mib: 0,
+            ..options.clone()
+        },
+    );
+    for &i in &rewrite {
+        let prepared = &loaded.prepared[i as usize];
+        let keys = prepared.record_blocking_keys();
+        writer.keys(prepared.key.clone(), keys).await?;
+    }
+    writer.finish().await?;
+    info!(
+        rewritten,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "Rebuild wrote the blocking keys."
+    );
+    Ok(KeyWrites {
+        rewritten,
+        fresh: None,
+    })
+}
+
+/// What [`write_keys`] did: records whose keys were (or, dry, would be) rewritten, and those
+/// left to a bulk load.
+struct KeyWrites {
+    rewritten: u64,
+    fresh: Option<Vec<u32>>,
 }
 
 /// The blocking keys of many records, in key order: each key once in `text` (a 4-byte length,

@@ -1,6 +1,7 @@
 //! Rebuild on SQLite: the bulk load of blocking keys (a rebuild from bare records) leaves the
-//! same keys, links and index as writing them record by record. And the key-hash index finds
-//! exactly the records a plain search finds.
+//! same keys, links and index as writing them record by record; a later rebuild rewrites the
+//! keys of exactly the records whose stored set differs. And the key-hash index finds exactly
+//! the records a plain search finds.
 
 use chrono::{NaiveDate, TimeZone, Utc};
 
@@ -150,6 +151,55 @@ async fn bulk_key_load_writes_what_record_by_record_writes() {
         let again = rebuild(store, &settings, &bulk, now).await.unwrap();
         assert_eq!(again.changes(), 0, "{again:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_records_whose_stored_keys_differ_get_them_rewritten() {
+    let settings = IdentitySettings::default();
+    let now = Utc::now();
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_records(&dir).await;
+    let options = RebuildOptions {
+        page_size: 37,
+        ..RebuildOptions::default()
+    };
+    rebuild(&store, &settings, &options, now).await.unwrap();
+    let right = all_keys(&store).await;
+
+    // Three records lose their keys, two gain a stale one, one has a key swapped for another:
+    // six records whose stored set differs from the computed one.
+    let pool = store.pool();
+    for id in ["healthie-3", "healthie-70", "intakeq-12"] {
+        sqlx::query("DELETE FROM match_keys WHERE source_id = ?")
+            .bind(id)
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    for (source, id) in [("healthie", "healthie-5"), ("intakeq", "intakeq-39")] {
+        sqlx::query("INSERT INTO match_keys (key, source, source_id) VALUES ('stale', ?, ?)")
+            .bind(source)
+            .bind(id)
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    let (_, swapped) = right
+        .iter()
+        .find(|(k, _)| k.id.as_str() == "healthie-100")
+        .unwrap();
+    sqlx::query("UPDATE match_keys SET key = 'other' WHERE source_id = 'healthie-100' AND key = ?")
+        .bind(swapped)
+        .execute(pool)
+        .await
+        .unwrap();
+
+    let again = rebuild(&store, &settings, &options, now).await.unwrap();
+    assert_eq!(again.match_keys_rewritten, 6, "{again:?}");
+    assert_eq!(again.changes(), 6, "only keys changed: {again:?}");
+    assert_eq!(all_keys(&store).await, right);
+    let third = rebuild(&store, &settings, &options, now).await.unwrap();
+    assert_eq!(third.changes(), 0, "{third:?}");
 }
 
 #[test]
