@@ -230,7 +230,10 @@ async fn main() -> anyhow::Result<()> {
             by_person.entry(p).or_default().extend([a.source, b.source]);
         }
     }
-    let per_system: usize = by_person.values().map(|s| s.len() * (s.len() - 1) / 2).sum();
+    let per_system: usize = by_person
+        .values()
+        .map(|s| s.len() * (s.len() - 1) / 2)
+        .sum();
     let undated = |k: &SourceKey| {
         population.perturbations(k).iter().any(|p| {
             matches!(
