@@ -805,45 +805,24 @@ macro_rules! impl_store {
                 &self,
                 f: &mut (dyn for<'k> FnMut(SourceKind, &'k str, &'k str) + Send),
             ) -> StoreResult<()> {
-                use futures::TryStreamExt;
-                let mut conn = self.pool.acquire().await?;
-                if matches!($backend, Backend::Sqlite) {
-                    let kib = crate::store::sql::SCAN_CACHE_KIB;
-                    sqlx::query(&format!("PRAGMA cache_size = -{kib}")).execute(&mut *conn).await?;
-                }
-                let scanned: StoreResult<()> = async {
-                    let mut rows = sqlx::query("SELECT source, source_id, key FROM match_keys").fetch(&mut *conn);
-                    while let Some(row) = rows.try_next().await? {
-                        f(
-                            parse_source(row.try_get::<&str, _>(0)?)?,
-                            row.try_get::<&str, _>(1)?,
-                            row.try_get::<&str, _>(2)?,
-                        );
-                    }
-                    Ok(())
-                }
-                .await;
-                if matches!($backend, Backend::Sqlite) {
-                    let kib = crate::store::sqlite::CACHE_KIB;
-                    sqlx::query(&format!("PRAGMA cache_size = -{kib}")).execute(&mut *conn).await?;
-                }
-                scanned
+                crate::store::sql::scan_table!(self.pool, $backend, "SELECT source, source_id, key FROM match_keys", |row| {
+                    f(
+                        parse_source(row.try_get::<&str, _>(0)?)?,
+                        row.try_get::<&str, _>(1)?,
+                        row.try_get::<&str, _>(2)?,
+                    );
+                })
             }
 
             async fn for_each_link_target(
                 &self,
                 f: &mut (dyn for<'k> FnMut(SourceKind, &'k str, &'k str, bool) + Send),
             ) -> StoreResult<()> {
-                use futures::TryStreamExt;
-                let mut conn = self.pool.acquire().await?;
-                if matches!($backend, Backend::Sqlite) {
-                    let kib = crate::store::sql::SCAN_CACHE_KIB;
-                    sqlx::query(&format!("PRAGMA cache_size = -{kib}")).execute(&mut *conn).await?;
-                }
-                let scanned: StoreResult<()> = async {
-                    let mut rows = sqlx::query("SELECT source, source_id, patient_id, decided_by FROM links")
-                        .fetch(&mut *conn);
-                    while let Some(row) = rows.try_next().await? {
+                crate::store::sql::scan_table!(
+                    self.pool,
+                    $backend,
+                    "SELECT source, source_id, patient_id, decided_by FROM links",
+                    |row| {
                         f(
                             parse_source(row.try_get::<&str, _>(0)?)?,
                             row.try_get::<&str, _>(1)?,
@@ -851,14 +830,7 @@ macro_rules! impl_store {
                             row.try_get::<&str, _>(3)? == crate::store::ADMIN,
                         );
                     }
-                    Ok(())
-                }
-                .await;
-                if matches!($backend, Backend::Sqlite) {
-                    let kib = crate::store::sqlite::CACHE_KIB;
-                    sqlx::query(&format!("PRAGMA cache_size = -{kib}")).execute(&mut *conn).await?;
-                }
-                scanned
+                )
             }
 
             async fn load_patient_history(&self, id: &PatientId) -> StoreResult<Vec<PatientVersion>> {
@@ -1934,6 +1906,36 @@ macro_rules! impl_store {
 /// The page cache (KiB) of a pooled SQLite connection while it scans a whole table once: no
 /// page is read twice, and a full cache (32 MiB) would stay resident beside a rebuild's peak.
 pub(crate) const SCAN_CACHE_KIB: i64 = 1024;
+
+/// Streams every row of `$sql` on one pooled connection into `$each`; on SQLite the
+/// connection's page cache is held to [`SCAN_CACHE_KIB`] meanwhile and set back after.
+macro_rules! scan_table {
+    ($pool:expr, $backend:expr, $sql:expr, |$row:ident| $each:block) => {{
+        use futures::TryStreamExt;
+        let sqlite = matches!($backend, Backend::Sqlite);
+        let mut conn = $pool.acquire().await?;
+        if sqlite {
+            let kib = crate::store::sql::SCAN_CACHE_KIB;
+            sqlx::query(&format!("PRAGMA cache_size = -{kib}"))
+                .execute(&mut *conn)
+                .await?;
+        }
+        let scanned: StoreResult<()> = async {
+            let mut rows = sqlx::query($sql).fetch(&mut *conn);
+            while let Some($row) = rows.try_next().await? $each
+            Ok(())
+        }
+        .await;
+        if sqlite {
+            let kib = crate::store::sqlite::CACHE_KIB;
+            sqlx::query(&format!("PRAGMA cache_size = -{kib}"))
+                .execute(&mut *conn)
+                .await?;
+        }
+        scanned
+    }};
+}
+pub(crate) use scan_table;
 
 /// Bound parameters per multi-row statement with numbered (`$N`) placeholders. Small on
 /// purpose: the SQLite driver resolves each `$N` by name with a scan of the statement's

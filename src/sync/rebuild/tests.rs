@@ -1,7 +1,8 @@
 //! Rebuild on SQLite: the bulk load of blocking keys (a rebuild from bare records) leaves the
 //! same keys, links and index as writing them record by record; a later rebuild rewrites the
-//! keys of exactly the records whose stored set differs. And the key-hash index finds exactly
-//! the records a plain search finds.
+//! keys of exactly the records whose stored set differs; a whole-table scan sets its
+//! connection's page cache back. And the key-hash index finds exactly the records a plain
+//! search finds.
 
 use chrono::{NaiveDate, TimeZone, Utc};
 
@@ -200,6 +201,31 @@ async fn only_records_whose_stored_keys_differ_get_them_rewritten() {
     assert_eq!(all_keys(&store).await, right);
     let third = rebuild(&store, &settings, &options, now).await.unwrap();
     assert_eq!(third.changes(), 0, "{third:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_sets_its_connections_page_cache_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("db.sqlite").display());
+    // One reading connection: the scans and the check below share it.
+    let store = SqliteStore::connect(&url, 1).await.unwrap();
+    store.migrate().await.unwrap();
+    let cache = || async {
+        let (kib,): (i64,) = sqlx::query_as("PRAGMA cache_size")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        kib
+    };
+    let usual = cache().await;
+    assert_eq!(usual, -32_768, "32 MiB, as every connection opens with");
+    store.for_each_match_key(&mut |_, _, _| {}).await.unwrap();
+    assert_eq!(cache().await, usual);
+    store
+        .for_each_link_target(&mut |_, _, _, _| {})
+        .await
+        .unwrap();
+    assert_eq!(cache().await, usual);
 }
 
 #[test]
