@@ -812,6 +812,8 @@ pub trait StoreTx: Send {
         &mut self,
         items: &[(SourceKey, Vec<String>)],
     ) -> StoreResult<()>;
+    /// Deletes every blocking key (before a bulk load that writes all records' keys again).
+    async fn delete_all_match_keys(&mut self) -> StoreResult<()>;
     /// Inserts blocking keys `(key, record)` for records that have none stored (plain inserts,
     /// no delete). Pairs must be distinct.
     async fn insert_match_keys(&mut self, rows: &[(&str, &SourceKey)]) -> StoreResult<()>;

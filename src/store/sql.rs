@@ -1742,6 +1742,11 @@ macro_rules! impl_store {
                 Ok(())
             }
 
+            async fn delete_all_match_keys(&mut self) -> StoreResult<()> {
+                sqlx::query("DELETE FROM match_keys").execute(&mut *self.tx).await?;
+                Ok(())
+            }
+
             async fn insert_match_keys(&mut self, rows: &[(&str, &SourceKey)]) -> StoreResult<()> {
                 for part in rows.chunks(crate::store::sql::bulk_params($backend) / 3) {
                     let sql = format!(

@@ -31,9 +31,10 @@
 //!    `refresh_patient`, so an unchanged row gets no new version; computed on a thread of their
 //!    own while this task reads and writes), rows left without records (`merged` into where
 //!    their records went, else `deleted`). When none of the records whose keys changed has
-//!    keys stored (a rebuild from bare records), their keys are written last instead: all
-//!    computed, sorted and inserted in key order in one transaction
-//!    ([`StoreTx::match_keys_bulk_load`]), once everything else is freed.
+//!    keys stored (a rebuild from bare records), or they are most records (every stored key
+//!    is then deleted), their keys are written last instead: all computed, sorted and inserted
+//!    in key order in one transaction ([`StoreTx::match_keys_bulk_load`]), once everything
+//!    else is freed.
 //!
 //! Run it with the workers stopped: it reads a snapshot and writes its result in batches.
 
@@ -71,9 +72,10 @@ pub struct RebuildOptions {
     pub max_key_fanout: usize,
     /// Page cache of the writing connection, in MiB (SQLite).
     pub cache_mib: u32,
-    /// When at least this many records have no blocking keys stored (a rebuild from bare
-    /// records), their keys are written at once in key order, after the links and rows (see
-    /// [`StoreTx::match_keys_bulk_load`]).
+    /// When at least this many records need their blocking keys written and none has any
+    /// stored (a rebuild from bare records), or they are at least half of all records (every
+    /// stored key is then deleted first), keys are written at once in key order, after the
+    /// links and rows (see [`StoreTx::match_keys_bulk_load`]).
     pub bulk_keys_min: usize,
 }
 
@@ -671,15 +673,15 @@ pub async fn rebuild(
         "Rebuild wrote the canonical rows."
     );
 
-    if let Some(records) = keys.fresh {
-        // A fresh start (no record has keys stored, many to write): every key goes in at once,
-        // in key order, so the index B-trees fill in order instead of at random places. Only
-        // the keys are needed now: the rest is freed first, and each prepared record as soon
-        // as its keys are out.
+    if let Some(bulk) = keys.bulk {
+        // A fresh start (no record has keys stored, many to write) or most keys changed: the
+        // keys go in at once, in key order, so the index B-trees fill in order instead of at
+        // random places. Only the keys are needed now: the rest is freed first, and each
+        // prepared record as soon as its keys are out.
         let Loaded { prepared, .. } = Arc::try_unwrap(loaded)
             .unwrap_or_else(|_| panic!("the row thread is done with the records"));
-        let (sorted, keys) = SortedKeys::new(prepared, &records);
-        writer.fresh_keys(sorted, keys).await?;
+        let (sorted, keys) = SortedKeys::new(prepared, &bulk.records);
+        writer.bulk_keys(sorted, keys, bulk.replace).await?;
         info!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             "Rebuild wrote the blocking keys."
@@ -700,8 +702,9 @@ pub async fn rebuild(
 }
 
 /// Reads the stored blocking keys and rewrites those of records whose key set changed. When
-/// none of those records has keys stored and they are many (a rebuild from bare records),
-/// nothing is written: they are returned, for [`Writer::fresh_keys`] once the rest is written.
+/// those records are many and none has keys stored (a rebuild from bare records), or they are
+/// most records (a version that makes other keys), nothing is written: they are returned, for
+/// [`Writer::bulk_keys`] once the rest is written.
 async fn write_keys(
     store: &dyn Store,
     loaded: &Loaded,
@@ -741,15 +744,24 @@ async fn write_keys(
     let rewrite: Vec<u32> = (0..n as u32)
         .filter(|&i| stored(i) != Some(loaded.fingerprints[i as usize]))
         .collect();
-    let fresh = !options.dry_run
-        && rewrite.len() >= options.bulk_keys_min
-        && rewrite.iter().all(|&i| stored(i).is_none());
+    let bulk = !options.dry_run && rewrite.len() >= options.bulk_keys_min;
+    let fresh = bulk && rewrite.iter().all(|&i| stored(i).is_none());
+    // Most records' keys changed (a version that makes other keys): deleting them all and
+    // loading every record's keys in bulk beats deleting and inserting record by record.
+    let replace = bulk && !fresh && rewrite.len() * 2 >= n;
     drop((sums, counts));
     let rewritten = rewrite.len() as u64;
-    if fresh {
+    if fresh || replace {
         return Ok(KeyWrites {
             rewritten,
-            fresh: Some(rewrite),
+            bulk: Some(Bulk {
+                records: if replace {
+                    (0..n as u32).collect()
+                } else {
+                    rewrite
+                },
+                replace,
+            }),
         });
     }
     // The connection's usual page cache: clustering holds most of the memory meanwhile.
@@ -773,15 +785,22 @@ async fn write_keys(
     );
     Ok(KeyWrites {
         rewritten,
-        fresh: None,
+        bulk: None,
     })
 }
 
-/// What [`write_keys`] did: records whose keys were (or, dry, would be) rewritten, and those
-/// left to a bulk load.
+/// What [`write_keys`] did: how many records' keys were (or, dry, would be) rewritten, and
+/// what it left to a bulk load.
 struct KeyWrites {
     rewritten: u64,
-    fresh: Option<Vec<u32>>,
+    bulk: Option<Bulk>,
+}
+
+/// Records whose keys are to be written in bulk, last; `replace`: every stored key is deleted
+/// first (`records` is then every record).
+struct Bulk {
+    records: Vec<u32>,
+    replace: bool,
 }
 
 /// The blocking keys of many records, in key order: each key once in `text` (a 4-byte length,
@@ -1637,12 +1656,20 @@ impl<'a> Writer<'a> {
     }
 
     /// Inserts the keys of records with none stored in one transaction, in key order (see
-    /// [`StoreTx::match_keys_bulk_load`]).
-    async fn fresh_keys(&mut self, runs: Vec<SortedKeys>, keys: Vec<SourceKey>) -> StoreResult<()> {
+    /// [`StoreTx::match_keys_bulk_load`]); with `replace`, every stored key is deleted first.
+    async fn bulk_keys(
+        &mut self,
+        runs: Vec<SortedKeys>,
+        keys: Vec<SourceKey>,
+        replace: bool,
+    ) -> StoreResult<()> {
         self.flush().await?;
         let Some(tx) = self.tx().await? else {
             return Ok(());
         };
+        if replace {
+            tx.delete_all_match_keys().await?;
+        }
         tx.match_keys_bulk_load(true).await?;
         // A few statements' worth at a time.
         let mut rows: Vec<(&str, &SourceKey)> = Vec::new();

@@ -1,8 +1,8 @@
 //! Rebuild on SQLite: the bulk load of blocking keys (a rebuild from bare records) leaves the
 //! same keys, links and index as writing them record by record; a later rebuild rewrites the
-//! keys of exactly the records whose stored set differs; a whole-table scan sets its
-//! connection's page cache back. And the key-hash index finds exactly the records a plain
-//! search finds.
+//! keys of exactly the records whose stored set differs, and replaces every key in bulk when
+//! most differ; a whole-table scan sets its connection's page cache back. And the key-hash
+//! index finds exactly the records a plain search finds.
 
 use chrono::{NaiveDate, TimeZone, Utc};
 
@@ -199,6 +199,42 @@ async fn only_records_whose_stored_keys_differ_get_them_rewritten() {
     assert_eq!(again.match_keys_rewritten, 6, "{again:?}");
     assert_eq!(again.changes(), 6, "only keys changed: {again:?}");
     assert_eq!(all_keys(&store).await, right);
+    let third = rebuild(&store, &settings, &options, now).await.unwrap();
+    assert_eq!(third.changes(), 0, "{third:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_changed_for_most_records_are_replaced_in_bulk() {
+    let settings = IdentitySettings::default();
+    let now = Utc::now();
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_records(&dir).await;
+    let options = RebuildOptions {
+        page_size: 37,
+        bulk_keys_min: 10,
+        ..RebuildOptions::default()
+    };
+    rebuild(&store, &settings, &options, now).await.unwrap();
+    let right = all_keys(&store).await;
+    let indexes_before = indexes(&store).await;
+
+    // A version that makes other keys: every stored key differs. And a key of a record that
+    // is not stored, which only a replacement of every key removes.
+    let pool = store.pool();
+    sqlx::query("UPDATE match_keys SET key = key || '~' WHERE source_id <> 'healthie-7'")
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO match_keys (key, source, source_id) VALUES ('k', 'hint', 'gone')")
+        .execute(pool)
+        .await
+        .unwrap();
+
+    let again = rebuild(&store, &settings, &options, now).await.unwrap();
+    assert_eq!(again.match_keys_rewritten, 159, "{again:?}");
+    assert_eq!(again.changes(), 159, "only keys changed: {again:?}");
+    assert_eq!(all_keys(&store).await, right);
+    assert_eq!(indexes(&store).await, indexes_before);
     let third = rebuild(&store, &settings, &options, now).await.unwrap();
     assert_eq!(third.changes(), 0, "{third:?}");
 }
