@@ -154,18 +154,28 @@ async fn bulk_key_load_writes_what_record_by_record_writes() {
     }
 }
 
+/// The test store, rebuilt once, and the keys that rebuild stored.
+async fn rebuilt(
+    dir: &tempfile::TempDir,
+    options: &RebuildOptions,
+) -> (SqliteStore, Vec<(SourceKey, String)>) {
+    let store = store_with_records(dir).await;
+    rebuild(&store, &IdentitySettings::default(), options, Utc::now())
+        .await
+        .unwrap();
+    let keys = all_keys(&store).await;
+    (store, keys)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_records_whose_stored_keys_differ_get_them_rewritten() {
-    let settings = IdentitySettings::default();
-    let now = Utc::now();
+    let (settings, now) = (IdentitySettings::default(), Utc::now());
     let dir = tempfile::tempdir().unwrap();
-    let store = store_with_records(&dir).await;
     let options = RebuildOptions {
         page_size: 37,
         ..RebuildOptions::default()
     };
-    rebuild(&store, &settings, &options, now).await.unwrap();
-    let right = all_keys(&store).await;
+    let (store, right) = rebuilt(&dir, &options).await;
 
     // Three records lose their keys, two gain a stale one, one has a key swapped for another:
     // six records whose stored set differs from the computed one.
@@ -205,17 +215,14 @@ async fn only_records_whose_stored_keys_differ_get_them_rewritten() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_changed_for_most_records_are_replaced_in_bulk() {
-    let settings = IdentitySettings::default();
-    let now = Utc::now();
+    let (settings, now) = (IdentitySettings::default(), Utc::now());
     let dir = tempfile::tempdir().unwrap();
-    let store = store_with_records(&dir).await;
     let options = RebuildOptions {
         page_size: 37,
         bulk_keys_min: 10,
         ..RebuildOptions::default()
     };
-    rebuild(&store, &settings, &options, now).await.unwrap();
-    let right = all_keys(&store).await;
+    let (store, right) = rebuilt(&dir, &options).await;
     let indexes_before = indexes(&store).await;
 
     // A version that makes other keys: every stored key differs. And a key of a record that
