@@ -482,6 +482,10 @@ pub trait Store: Send + Sync + 'static {
     fn backend(&self) -> Backend;
     /// Another handle on this store, for a task of its own.
     fn shared(&self) -> std::sync::Arc<dyn Store>;
+    /// SQLite: the writer's sorts and temporary tables go to temporary files (`on`) or stay
+    /// in memory (off, the usual setting: statement journals in memory). Call it with no
+    /// write transaction open. Other backends do nothing.
+    async fn sort_in_files(&self, on: bool) -> StoreResult<()>;
     /// [`StoreTx::find_patients_by_keys`] and [`StoreTx::load_linked_records_many`] for the
     /// patients found, in one read transaction outside any write transaction.
     async fn read_candidates(&self, keys: &[String]) -> StoreResult<CandidateRead>;
@@ -817,10 +821,11 @@ pub trait StoreTx: Send {
     /// Inserts blocking keys `(key, record)` for records that have none stored (plain inserts,
     /// no delete). Pairs must be distinct.
     async fn insert_match_keys(&mut self, rows: &[(&str, &SourceKey)]) -> StoreResult<()>;
-    /// Brackets a bulk load of blocking keys in key order (`start` true before the inserts,
-    /// false after), in one transaction: SQLite drops the `(source, source_id)` index of
-    /// `match_keys` and builds it again at the end, so neither index is filled at random
-    /// places; other backends do nothing.
+    /// Brackets a bulk load of blocking keys (`start` true before the inserts, false after), in
+    /// one transaction: SQLite drops both indexes of `match_keys` and builds them again at the
+    /// end, so the rows go in in any order and neither index is filled at random places; other
+    /// backends do nothing. Build them with [`Store::sort_in_files`] on: at a million records
+    /// each index's sort is some 400 MiB.
     async fn match_keys_bulk_load(&mut self, start: bool) -> StoreResult<()>;
     /// The ids among `ids` of `source` that have a stored record or a link.
     async fn known_source_ids(

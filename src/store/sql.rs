@@ -777,7 +777,8 @@ macro_rules! impl_store {
                 limit: u32,
             ) -> StoreResult<Vec<(SourceKey, String)>> {
                 let (source, id) = key_lower_bound(after.map(|(record, _)| record));
-                // In primary key order: the index alone answers, with no sort.
+                // In the order of the key index (`match_keys_key` on SQLite, the primary key on
+                // Postgres): the index alone answers, with no sort.
                 let rows = sqlx::query(
                     "SELECT source, source_id, key FROM match_keys WHERE (key, source, source_id) > ($3, $1, $2) \
                      ORDER BY key, source, source_id LIMIT $4",
@@ -799,6 +800,19 @@ macro_rules! impl_store {
                         ))
                     })
                     .collect()
+            }
+
+            async fn sort_in_files(&self, on: bool) -> StoreResult<()> {
+                if matches!($backend, Backend::Sqlite) {
+                    // Outside a transaction: inside one SQLite refuses the switch once the
+                    // connection has opened its temporary database.
+                    let mut conn = self.writer().acquire().await?;
+                    let store = if on { "FILE" } else { "MEMORY" };
+                    sqlx::query(&format!("PRAGMA temp_store = {store}"))
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                Ok(())
             }
 
             async fn for_each_match_key(
@@ -1765,28 +1779,19 @@ macro_rules! impl_store {
             async fn match_keys_bulk_load(&mut self, start: bool) -> StoreResult<()> {
                 if matches!($backend, Backend::Sqlite) {
                     if start {
-                        sqlx::query("DROP INDEX IF EXISTS match_keys_record")
-                            .execute(&mut *self.tx)
-                            .await?;
-                    } else {
-                        // The same definition as the migration's. Its sort spills to a temporary
-                        // file instead of memory (at a million records it is some 400 MiB). Best
-                        // effort: inside a transaction SQLite refuses the switch once a temporary
-                        // database is open (nothing here opens one), and the sort then runs in
-                        // memory as before.
-                        let spill = sqlx::query("PRAGMA temp_store = FILE")
-                            .execute(&mut *self.tx)
-                            .await
-                            .is_ok();
-                        let created = sqlx::query(
-                            "CREATE INDEX IF NOT EXISTS match_keys_record ON match_keys (source, source_id)",
-                        )
-                        .execute(&mut *self.tx)
-                        .await;
-                        if spill {
-                            sqlx::query("PRAGMA temp_store = MEMORY").execute(&mut *self.tx).await?;
+                        for index in ["match_keys_key", "match_keys_record"] {
+                            sqlx::query(&format!("DROP INDEX IF EXISTS {index}"))
+                                .execute(&mut *self.tx)
+                                .await?;
                         }
-                        created?;
+                    } else {
+                        // The same definitions as the migration's.
+                        for sql in [
+                            "CREATE UNIQUE INDEX IF NOT EXISTS match_keys_key ON match_keys (key, source, source_id)",
+                            "CREATE INDEX IF NOT EXISTS match_keys_record ON match_keys (source, source_id)",
+                        ] {
+                            sqlx::query(sql).execute(&mut *self.tx).await?;
+                        }
                     }
                 }
                 Ok(())

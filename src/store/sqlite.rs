@@ -225,3 +225,28 @@ crate::store::sql::impl_store!(
     advisory_lock = None,
     begin = begin_immediate,
 );
+
+#[cfg(test)]
+mod tests {
+    use crate::store::Store;
+
+    #[tokio::test]
+    async fn the_writer_sorts_in_files_only_while_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}", dir.path().join("db.sqlite").display());
+        let store = super::SqliteStore::connect(&url, 1).await.unwrap();
+        store.migrate().await.unwrap();
+        let temp_store = || async {
+            let (mode,): (i64,) = sqlx::query_as("PRAGMA temp_store")
+                .fetch_one(store.writer())
+                .await
+                .unwrap();
+            mode
+        };
+        assert_eq!(temp_store().await, 2, "memory, as the store opens it");
+        store.sort_in_files(true).await.unwrap();
+        assert_eq!(temp_store().await, 1, "files");
+        store.sort_in_files(false).await.unwrap();
+        assert_eq!(temp_store().await, 2, "memory again");
+    }
+}

@@ -22,6 +22,10 @@
 //!    rejected for a record when an admin rejected the pair in either direction. Clustering
 //!    uses one core, on a thread of its own; beside it, the stored blocking keys are read and
 //!    those of records whose key set changed are rewritten (keys depend on the record alone).
+//!    When none of those records has keys stored (a rebuild from bare records), or they are
+//!    most records (every stored key is then deleted), their keys go in in one transaction,
+//!    in record order, with the indexes dropped and built after, their sorts in temporary
+//!    files ([`StoreTx::match_keys_bulk_load`], [`Store::sort_in_files`]).
 //! 3. **Name** each cluster: an admin's patient keeps its id; any other cluster takes the
 //!    patient most of its records are linked to now (largest first, each id used once), or a
 //!    new id. So a record keeps its patient when the new decision agrees, and only links whose
@@ -30,11 +34,7 @@
 //!    proposals (idempotent inserts), canonical rows whose values changed (compared like
 //!    `refresh_patient`, so an unchanged row gets no new version; computed on a thread of their
 //!    own while this task reads and writes), rows left without records (`merged` into where
-//!    their records went, else `deleted`). When none of the records whose keys changed has
-//!    keys stored (a rebuild from bare records), or they are most records (every stored key
-//!    is then deleted), their keys are written last instead: all computed, sorted and inserted
-//!    in key order in one transaction ([`StoreTx::match_keys_bulk_load`]), once everything
-//!    else is freed.
+//!    their records went, else `deleted`).
 //!
 //! Run it with the workers stopped: it reads a snapshot and writes its result in batches.
 
@@ -74,8 +74,8 @@ pub struct RebuildOptions {
     pub cache_mib: u32,
     /// When at least this many records need their blocking keys written and none has any
     /// stored (a rebuild from bare records), or they are at least half of all records (every
-    /// stored key is then deleted first), keys are written at once in key order, after the
-    /// links and rows (see [`StoreTx::match_keys_bulk_load`]).
+    /// stored key is then deleted first), keys are written at once, with the indexes built
+    /// after them (see [`StoreTx::match_keys_bulk_load`]).
     pub bulk_keys_min: usize,
 }
 
@@ -111,7 +111,7 @@ pub struct RebuildReport {
     /// When loading ended, from the start.
     pub loaded_ms: u64,
     /// When clustering (and naming) ended, from the start; writing took the rest. Blocking
-    /// keys are read and rewritten beside clustering (a bulk load of fresh keys comes last).
+    /// keys are read and written beside clustering.
     pub clustered_ms: u64,
 }
 
@@ -557,8 +557,7 @@ pub async fn rebuild(
         .await
         .expect("the join task is not cancelled")
         .unwrap_or_else(|e| std::panic::resume_unwind(e));
-    let keys = keys?;
-    report.match_keys_rewritten = keys.rewritten;
+    report.match_keys_rewritten = keys?;
     let (cluster_of, clusters, decided, rules, proposals) = clustered;
     let loaded = Arc::try_unwrap(loaded)
         .unwrap_or_else(|_| panic!("clustering and the key writer are done with the records"));
@@ -673,20 +672,6 @@ pub async fn rebuild(
         "Rebuild wrote the canonical rows."
     );
 
-    if let Some(bulk) = keys.bulk {
-        // A fresh start (no record has keys stored, many to write) or most keys changed: the
-        // keys go in at once, in key order, so the index B-trees fill in order instead of at
-        // random places. Only the keys are needed now: the rest is freed first, and each
-        // prepared record as soon as its keys are out.
-        let Loaded { prepared, .. } = Arc::try_unwrap(loaded)
-            .unwrap_or_else(|_| panic!("the row thread is done with the records"));
-        let (sorted, keys) = SortedKeys::new(prepared, &bulk.records);
-        writer.bulk_keys(sorted, keys, bulk.replace).await?;
-        info!(
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "Rebuild wrote the blocking keys."
-        );
-    }
     writer.finish().await?;
     report.elapsed_ms = started.elapsed().as_millis() as u64;
     info!(
@@ -701,16 +686,16 @@ pub async fn rebuild(
     Ok(report)
 }
 
-/// Reads the stored blocking keys and rewrites those of records whose key set changed. When
-/// those records are many and none has keys stored (a rebuild from bare records), or they are
-/// most records (a version that makes other keys), nothing is written: they are returned, for
-/// [`Writer::bulk_keys`] once the rest is written.
+/// Reads the stored blocking keys and rewrites those of records whose key set changed; in one
+/// bulk load ([`Writer::bulk_keys`]) when those records are many and none has keys stored (a
+/// rebuild from bare records), or they are most records (a version that makes other keys).
+/// Returns how many records' keys were (or, dry, would be) rewritten.
 async fn write_keys(
     store: &dyn Store,
     loaded: &Loaded,
     options: &RebuildOptions,
     started: Instant,
-) -> StoreResult<KeyWrites> {
+) -> StoreResult<u64> {
     // Each record's stored keys, as a fingerprint in two arrays (12 bytes a record: this runs
     // beside clustering, at the rebuild's peak); a count of 0 means none stored.
     let n = loaded.prepared.len();
@@ -751,19 +736,6 @@ async fn write_keys(
     let replace = bulk && !fresh && rewrite.len() * 2 >= n;
     drop((sums, counts));
     let rewritten = rewrite.len() as u64;
-    if fresh || replace {
-        return Ok(KeyWrites {
-            rewritten,
-            bulk: Some(Bulk {
-                records: if replace {
-                    (0..n as u32).collect()
-                } else {
-                    rewrite
-                },
-                replace,
-            }),
-        });
-    }
     // The connection's usual page cache: clustering holds most of the memory meanwhile.
     let mut writer = Writer::new(
         store,
@@ -772,103 +744,26 @@ async fn write_keys(
             ..options.clone()
         },
     );
-    for &i in &rewrite {
-        let prepared = &loaded.prepared[i as usize];
-        let keys = prepared.record_blocking_keys();
-        writer.keys(prepared.key.clone(), keys).await?;
+    if replace {
+        let every: Vec<u32> = (0..n as u32).collect();
+        writer.bulk_keys(loaded, &every, true).await?;
+    } else if fresh {
+        writer.bulk_keys(loaded, &rewrite, false).await?;
+    } else {
+        for &i in &rewrite {
+            let prepared = &loaded.prepared[i as usize];
+            let keys = prepared.record_blocking_keys();
+            writer.keys(prepared.key.clone(), keys).await?;
+        }
     }
     writer.finish().await?;
     info!(
         rewritten,
+        bulk = fresh || replace,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "Rebuild wrote the blocking keys."
     );
-    Ok(KeyWrites {
-        rewritten,
-        bulk: None,
-    })
-}
-
-/// What [`write_keys`] did: how many records' keys were (or, dry, would be) rewritten, and
-/// what it left to a bulk load.
-struct KeyWrites {
-    rewritten: u64,
-    bulk: Option<Bulk>,
-}
-
-/// Records whose keys are to be written in bulk, last; `replace`: every stored key is deleted
-/// first (`records` is then every record).
-struct Bulk {
-    records: Vec<u32>,
-    replace: bool,
-}
-
-/// The blocking keys of many records, in key order: each key once in `text` (a 4-byte length,
-/// then the key), `rows` of `(where in text, record)` sorted by key then record.
-#[derive(Default)]
-struct SortedKeys {
-    text: Vec<u8>,
-    rows: Vec<(u32, u32)>,
-}
-
-impl SortedKeys {
-    /// The keys of `records` (indexes into `prepared`), in runs of at most 4 GiB of text (one
-    /// run below tens of millions of records), each sorted; and every record's key. Each
-    /// prepared record is dropped once its keys are out.
-    fn new(prepared: Vec<identity::Prepared>, records: &[u32]) -> (Vec<Self>, Vec<SourceKey>) {
-        let mut wanted = vec![false; prepared.len()];
-        for &i in records {
-            wanted[i as usize] = true;
-        }
-        let mut runs = Vec::new();
-        let mut run = SortedKeys::default();
-        let mut keys = Vec::with_capacity(prepared.len());
-        for (i, p) in prepared.into_iter().enumerate() {
-            if wanted[i] {
-                for key in p.record_blocking_keys() {
-                    let at = match u32::try_from(run.text.len() + 4 + key.len()) {
-                        Ok(_) => run.text.len() as u32,
-                        Err(_) => {
-                            runs.push(std::mem::take(&mut run).sorted());
-                            0
-                        }
-                    };
-                    let len = key.len() as u32;
-                    run.text.extend_from_slice(&len.to_le_bytes());
-                    run.text.extend_from_slice(key.as_bytes());
-                    run.rows.push((at, i as u32));
-                }
-            }
-            keys.push(p.key);
-        }
-        runs.push(run.sorted());
-        (runs, keys)
-    }
-
-    fn sorted(mut self) -> Self {
-        let mut rows = std::mem::take(&mut self.rows);
-        // Bytewise, as SQLite compares text; the records in key order (`prepared` order is
-        // `(source, source_id)` order) break ties.
-        rows.sort_unstable_by(|a, b| {
-            self.key_bytes(a.0)
-                .cmp(self.key_bytes(b.0))
-                .then(a.1.cmp(&b.1))
-        });
-        self.rows = rows;
-        self.text.shrink_to_fit();
-        self
-    }
-
-    fn key(&self, at: u32) -> &str {
-        std::str::from_utf8(self.key_bytes(at)).expect("a key")
-    }
-
-    /// The key at `at` as bytes (no UTF-8 check: sorting compares them millions of times).
-    fn key_bytes(&self, at: u32) -> &[u8] {
-        let at = at as usize;
-        let len = u32::from_le_bytes(self.text[at..at + 4].try_into().expect("four bytes"));
-        &self.text[at + 4..at + 4 + len as usize]
-    }
+    Ok(rewritten)
 }
 
 /// What the canonical-row phase needs, shared with its computing thread.
@@ -1655,15 +1550,37 @@ impl<'a> Writer<'a> {
         self.wrote_n(n).await
     }
 
-    /// Inserts the keys of records with none stored in one transaction, in key order (see
-    /// [`StoreTx::match_keys_bulk_load`]); with `replace`, every stored key is deleted first.
+    /// Inserts the keys of `records` in one transaction, in record order, with the indexes
+    /// built after them (see [`StoreTx::match_keys_bulk_load`]) and their sorts in temporary
+    /// files: the records have none stored, or, with `replace`, every stored key is deleted
+    /// first.
     async fn bulk_keys(
         &mut self,
-        runs: Vec<SortedKeys>,
-        keys: Vec<SourceKey>,
+        loaded: &Loaded,
+        records: &[u32],
         replace: bool,
     ) -> StoreResult<()> {
+        if self.dry_run {
+            return Ok(());
+        }
         self.flush().await?;
+        if let Some(tx) = self.tx.take() {
+            commit(tx).await?;
+        }
+        self.pending = 0;
+        self.store.sort_in_files(true).await?;
+        let loaded_keys = self.bulk_keys_in_tx(loaded, records, replace).await;
+        let back = self.store.sort_in_files(false).await;
+        loaded_keys?;
+        back
+    }
+
+    async fn bulk_keys_in_tx(
+        &mut self,
+        loaded: &Loaded,
+        records: &[u32],
+        replace: bool,
+    ) -> StoreResult<()> {
         let Some(tx) = self.tx().await? else {
             return Ok(());
         };
@@ -1672,28 +1589,23 @@ impl<'a> Writer<'a> {
         }
         tx.match_keys_bulk_load(true).await?;
         // A few statements' worth at a time.
-        let mut rows: Vec<(&str, &SourceKey)> = Vec::new();
-        for sorted in &runs {
-            for part in sorted.rows.chunks(20_000) {
-                rows.clear();
-                rows.extend(
-                    part.iter()
-                        .map(|&(at, i)| (sorted.key(at), &keys[i as usize])),
-                );
-                tx.insert_match_keys(&rows).await?;
+        let mut keys: Vec<(String, u32)> = Vec::new();
+        for part in records.chunks(2_000) {
+            keys.clear();
+            for &i in part {
+                let prepared = &loaded.prepared[i as usize];
+                keys.extend(prepared.record_blocking_keys().into_iter().map(|k| (k, i)));
             }
+            let rows: Vec<(&str, &SourceKey)> = keys
+                .iter()
+                .map(|(k, i)| (k.as_str(), loaded.key(*i)))
+                .collect();
+            tx.insert_match_keys(&rows).await?;
         }
-        // The keys are in. Their buffers go, and the page cache is set back (SQLite bounds the
-        // index's in-memory sort by it), before the other index is built.
-        drop(rows);
-        drop(runs);
-        drop(keys);
-        tx.bulk_write_cache(0).await?;
         tx.match_keys_bulk_load(false).await?;
         if let Some(tx) = self.tx.take() {
             commit(tx).await?;
         }
-        self.pending = 0;
         Ok(())
     }
 
