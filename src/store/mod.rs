@@ -596,7 +596,6 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&(SourceKey, String)>,
         limit: u32,
     ) -> StoreResult<Vec<(SourceKey, String)>>;
-    /// Every version of a canonical row, oldest first.
     /// Calls `f` with `(source, source id, blocking key)` for every stored blocking key, in no
     /// particular order, from one streamed query (no page restarts, no owned strings).
     async fn for_each_match_key(
@@ -609,6 +608,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         f: &mut (dyn for<'k> FnMut(SourceKind, &'k str, &'k str, bool) + Send),
     ) -> StoreResult<()>;
+    /// Every version of a canonical row, oldest first.
     async fn load_patient_history(&self, id: &PatientId) -> StoreResult<Vec<PatientVersion>>;
     /// One page, in `patient_id` order strictly after `after`, of the versions that were
     /// current at `at` (`valid_from <= at < valid_to`): the table as it was then.

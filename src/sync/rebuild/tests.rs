@@ -1,5 +1,5 @@
 //! Rebuild on SQLite: the bulk load of blocking keys (a rebuild from bare records) leaves the
-//! same keys, links and index as writing them record by record; a later rebuild rewrites the
+//! same keys, links and indexes as writing them record by record; a later rebuild rewrites the
 //! keys of exactly the records whose stored set differs, and replaces every key in bulk when
 //! most differ; a whole-table scan sets its connection's page cache back. And the key-hash
 //! index finds exactly the records a plain search finds.
